@@ -1,0 +1,153 @@
+"""Which keys each query sees: the one place where attention masks are defined.
+
+Every softmax form (flash, sliding window, multi-scale, block-sparse, decode) is a mask over absolute
+positions. A mask answers ``visible(q_pos, k_pos)`` elementwise; positions below zero mark empty cache
+slots and are never visible. The XLA path evaluates these masks densely; the Pallas kernels use the
+same rules block by block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int
+
+# Stands for "no window" where a window must be a number (kernels, per-head tables).
+UNLIMITED_WINDOW = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowMask:
+    """Causal and/or sliding-window visibility, one window per query head.
+
+    Causal: ``0 <= i - j < W_h``. Non-causal: ``|i - j| < W_h``. ``W_h = None`` means unlimited.
+    """
+
+    windows: tuple[int | None, ...]
+    causal: bool = True
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.windows)
+
+    def window_array(self) -> np.ndarray:
+        """int32 ``[heads]`` windows, ``UNLIMITED_WINDOW`` for ``None``."""
+        return np.array([UNLIMITED_WINDOW if w is None else w for w in self.windows], np.int32)
+
+    def visible(
+        self, q_pos: Int[Array, "*b q"], k_pos: Int[Array, "*b k"]
+    ) -> Bool[Array, "*b heads q k"]:
+        q_pos = q_pos[..., None, :, None]
+        k_pos = k_pos[..., None, None, :]
+        distance = q_pos - k_pos
+        window = jnp.asarray(self.window_array())[:, None, None]
+        if self.causal:
+            seen = (distance >= 0) & (distance < window)
+        else:
+            seen = jnp.abs(distance) < window
+        return seen & (k_pos >= 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMask:
+    """BigBird/Longformer block-sparse visibility (see ``sparse_mask`` for the rules)."""
+
+    num_heads: int
+    block_size: int = 64
+    num_global_tokens: int = 1
+    num_local_blocks: int = 3
+    num_random_blocks: int = 3
+    seed: int = 0
+    causal: bool = True
+
+    def random_blocks(self, num_blocks: int) -> np.ndarray:
+        """int32 ``[heads, num_blocks, num_random_blocks]``: the random key blocks of each query block.
+
+        Causal: drawn among the earlier blocks outside the local band, so a query block's draw never
+        depends on the sequence length. Non-causal: drawn among all blocks outside the local band of the
+        sequence (the set, hence the draw, depends on ``num_blocks``). Fewer candidates than requested
+        gives all of them; unused slots hold -1.
+        """
+        return _random_block_table(
+            self.num_heads, num_blocks, self.num_local_blocks, self.num_random_blocks, self.seed,
+            self.causal,
+        )
+
+    def visible(
+        self, q_pos: Int[Array, "*b q"], k_pos: Int[Array, "*b k"], num_blocks: int
+    ) -> Bool[Array, "*b heads q k"]:
+        """``num_blocks`` (static) must cover every query position: ``max(q_pos) < num_blocks * block_size``."""
+        table = jnp.asarray(self.random_blocks(num_blocks))  # [h, nb, r]
+        qb = q_pos // self.block_size
+        kb = k_pos // self.block_size
+        q_pos, k_pos = q_pos[..., None, :, None], k_pos[..., None, None, :]
+        qb4, kb4 = qb[..., None, :, None], kb[..., None, None, :]
+        if self.causal:
+            local = (qb4 - kb4) < self.num_local_blocks
+        else:
+            local = jnp.abs(qb4 - kb4) <= self.num_local_blocks // 2
+        is_global = (k_pos < self.num_global_tokens) | (q_pos < self.num_global_tokens)
+        rand_of_q = jnp.take(table, jnp.clip(qb, 0, num_blocks - 1), axis=1)  # [h, *b, q, r]
+        rand_of_q = jnp.moveaxis(rand_of_q, 0, -3)  # [*b, h, q, r]
+        is_random = jnp.any(rand_of_q[..., :, :, None, :] == kb4[..., None], axis=-1)
+        seen = local | is_global | is_random
+        if self.causal:
+            seen &= k_pos <= q_pos
+        return seen & (k_pos >= 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_block_table(
+    num_heads: int, num_blocks: int, num_local_blocks: int, num_random_blocks: int, seed: int,
+    causal: bool,
+) -> np.ndarray:
+    table = np.full((num_heads, num_blocks, num_random_blocks), -1, np.int32)
+    if num_random_blocks == 0:
+        return table
+    for h in range(num_heads):
+        for qb in range(num_blocks):
+            if causal:
+                candidates = np.arange(0, max(qb - num_local_blocks + 1, 0))
+            else:
+                band = num_local_blocks // 2
+                all_blocks = np.arange(num_blocks)
+                candidates = all_blocks[np.abs(all_blocks - qb) > band]
+            if candidates.size == 0:
+                continue
+            rng = np.random.default_rng([seed, h, qb, num_local_blocks, num_random_blocks])
+            take = min(num_random_blocks, candidates.size)
+            table[h, qb, :take] = np.sort(rng.choice(candidates, size=take, replace=False))
+    table.setflags(write=False)
+    return table
+
+
+def sparse_mask(
+    seq_len: int,
+    num_heads: int,
+    block_size: int = 64,
+    num_global_tokens: int = 1,
+    num_local_blocks: int = 3,
+    num_random_blocks: int = 3,
+    seed: int = 0,
+    causal: bool = True,
+) -> Bool[np.ndarray, "heads seq seq"]:
+    """The exact BigBird-style mask used by ``sparse_attention`` and ``CUDA.sparse``.
+
+    With ``bi = i // block_size``, key j is visible to query i iff (causal) ``j <= i`` and one of: the
+    local band ``bi - bj < num_local_blocks``; a global column ``j < num_global_tokens``; a global row
+    ``i < num_global_tokens``; ``bj`` one of the random blocks drawn for ``(bi, head)`` from ``seed``.
+    Non-causal: band ``|bi - bj| <= num_local_blocks // 2``, global rows/columns, random blocks from all
+    blocks. Causal masks are prefix-consistent: ``sparse_mask(S)[:, :s, :s] == sparse_mask(s)``.
+    """
+    from pallas_kernels._validation import check_sparse_config, check_positive
+
+    check_positive(seq_len=seq_len, num_heads=num_heads)
+    config = SparseMask(num_heads, block_size, num_global_tokens, num_local_blocks,
+                        num_random_blocks, seed, causal)
+    check_sparse_config(config)
+    pos = np.arange(seq_len)
+    num_blocks = -(-seq_len // block_size)
+    return np.asarray(config.visible(jnp.asarray(pos), jnp.asarray(pos), num_blocks))

@@ -1,0 +1,138 @@
+"""Pure-JAX (XLA) attention: the ``implementation="xla"`` path and the reference the kernels are tested against.
+
+Exact and readable rather than fast: softmax forms build the dense mask of ``masks.py`` over absolute
+positions and run one masked softmax; linear attention runs a chunked scan (O(S) memory).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+LINEAR_EPS = 1e-6
+
+
+def softmax_attention(
+    q: Float[Array, "b sq h d"],
+    k: Float[Array, "b sk kvh d"],
+    v: Float[Array, "b sk kvh d"],
+    visible: Bool[Array, "#b h sq sk"],
+    softmax_scale: float,
+) -> Float[Array, "b sq h d"]:
+    """Softmax attention under an explicit mask; query head ``h`` reads key/value head ``h // group``.
+
+    Rows with no visible key output zeros.
+    """
+    b, sq, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    group = h // kvh
+    q_grouped = q.reshape(b, sq, kvh, group, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=jnp.float32)
+    logits = logits * softmax_scale
+    mask = visible.reshape(visible.shape[0], kvh, group, sq, sk)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(logits - row_max)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights / jnp.where(total == 0, 1.0, total)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32))
+    return out.reshape(b, sq, h, d).astype(q.dtype)
+
+
+def causal_positions(q_len: int, kv_len: int) -> tuple[Int[Array, "sq"], Int[Array, "sk"]]:
+    """Absolute positions when the queries are the last ``q_len`` positions of ``kv_len`` keys."""
+    k_pos = jnp.arange(kv_len, dtype=jnp.int32)
+    return k_pos[kv_len - q_len:], k_pos
+
+
+def cache_positions(
+    lengths: Int[Array, "b"], q_len: int, capacity: int
+) -> tuple[Int[Array, "b t"], Int[Array, "b L"]]:
+    """Positions for a linear cache whose first ``lengths[b]`` slots are filled, the last ``q_len`` of them new.
+
+    Empty slots get position -1 (never visible).
+    """
+    lengths = jnp.asarray(lengths, jnp.int32)
+    q_pos = lengths[:, None] - q_len + jnp.arange(q_len, dtype=jnp.int32)
+    slots = jnp.arange(capacity, dtype=jnp.int32)[None, :]
+    k_pos = jnp.where(slots < lengths[:, None], slots, -1)
+    return q_pos, k_pos
+
+
+class LinearState(NamedTuple):
+    """Recurrent state of linear attention, per batch row and key/value head, in float32."""
+
+    kv: Float[Array, "b kvh d d"]  # S = sum_j phi(k_j) v_j^T
+    k_sum: Float[Array, "b kvh d"]  # z = sum_j phi(k_j)
+
+
+FEATURE_MAPS = {
+    "elu": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+    "softmax": lambda x: jax.nn.softmax(x, axis=-1),
+}
+
+
+def zero_linear_state(batch: int, num_kv_heads: int, head_dim: int) -> LinearState:
+    return LinearState(
+        jnp.zeros((batch, num_kv_heads, head_dim, head_dim), jnp.float32),
+        jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32),
+    )
+
+
+def linear_attention(
+    q: Float[Array, "b s h d"],
+    k: Float[Array, "b s kvh d"],
+    v: Float[Array, "b s kvh d"],
+    feature_map: str,
+    causal: bool,
+    initial_state: LinearState | None,
+    chunk_size: int = 64,
+) -> tuple[Float[Array, "b s h d"], LinearState]:
+    """Katharopoulos et al. linear attention with a carried state (see ``pallas_kernels.linear_attention``)."""
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    group = h // kvh
+    phi = FEATURE_MAPS[feature_map]
+    fq = phi(q.astype(jnp.float32)).reshape(b, s, kvh, group, d)
+    fk = phi(k.astype(jnp.float32))
+    vf = v.astype(jnp.float32)
+    state = zero_linear_state(b, kvh, d) if initial_state is None else initial_state
+    kv0, ksum0 = state.kv.astype(jnp.float32), state.k_sum.astype(jnp.float32)
+
+    if not causal:
+        kv = kv0 + jnp.einsum("bshd,bshe->bhde", fk, vf)
+        ksum = ksum0 + jnp.sum(fk, axis=1)
+        num = jnp.einsum("bshgd,bhde->bshge", fq, kv)
+        den = jnp.einsum("bshgd,bhd->bshg", fq, ksum)
+        out = num / (den[..., None] + LINEAR_EPS)
+        return out.reshape(b, s, h, d).astype(q.dtype), LinearState(kv, ksum)
+
+    chunk = min(chunk_size, s)
+    padded = -(-s // chunk) * chunk
+    pad = [(0, 0), (0, padded - s)]
+    # Padding after the feature map: padded keys contribute exactly nothing.
+    fq = jnp.pad(fq, pad + [(0, 0)] * 3).reshape(b, -1, chunk, kvh, group, d)
+    fk = jnp.pad(fk, pad + [(0, 0)] * 2).reshape(b, -1, chunk, kvh, d)
+    vf = jnp.pad(vf, pad + [(0, 0)] * 2).reshape(b, -1, chunk, kvh, d)
+    lower = jnp.tril(jnp.ones((chunk, chunk), jnp.float32))
+
+    def step(carry, xs):
+        kv, ksum = carry
+        fq_c, fk_c, v_c = xs
+        scores = jnp.einsum("bqhgd,bkhd->bhgqk", fq_c, fk_c) * lower
+        num = jnp.einsum("bhgqk,bkhe->bqhge", scores, v_c) + jnp.einsum("bqhgd,bhde->bqhge", fq_c, kv)
+        den = jnp.einsum("bhgqk->bqhg", scores) + jnp.einsum("bqhgd,bhd->bqhg", fq_c, ksum)
+        out = num / (den[..., None] + LINEAR_EPS)
+        kv = kv + jnp.einsum("bkhd,bkhe->bhde", fk_c, v_c)
+        ksum = ksum + jnp.sum(fk_c, axis=1)
+        return (kv, ksum), out
+
+    chunks_first = lambda x: jnp.moveaxis(x, 1, 0)
+    (kv, ksum), out = jax.lax.scan(step, (kv0, ksum0), (chunks_first(fq), chunks_first(fk), chunks_first(vf)))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, padded, h, d)[:, :s]
+    return out.astype(q.dtype), LinearState(kv, ksum)

@@ -1,0 +1,179 @@
+"""Softmax attention ops: flash (causal / full), sliding window, multi-scale, block-sparse and decode.
+
+Layout ``[batch, seq, heads, head_dim]``; keys/values carry ``num_kv_heads`` heads and query head ``h``
+reads key/value head ``h // (heads // kv_heads)``. Queries shorter than keys are the last positions of
+the key sequence. Every op is a mask from ``masks.py`` over absolute positions, run by one of two
+backends chosen by ``implementation``: the Pallas kernels or the pure-JAX reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import reference
+from pallas_kernels._dispatch import use_pallas
+from pallas_kernels._validation import (
+    check_attention_inputs,
+    check_positive,
+    check_sparse_config,
+    check_window,
+)
+from pallas_kernels.masks import SparseMask, WindowMask
+
+
+def _default_scale(q: Array, softmax_scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def _per_head_windows(name: str, windows: int | None | Sequence[int | None], num_heads: int):
+    if windows is None or isinstance(windows, int):
+        check_window(name, windows)
+        return (windows,) * num_heads
+    windows = tuple(windows)
+    if len(windows) != num_heads:
+        raise ValueError(
+            f"{name} must give one window (int or None) per query head: expected {num_heads}, got {len(windows)}"
+        )
+    for h, w in enumerate(windows):
+        check_window(f"{name}[{h}]", w)
+    return windows
+
+
+def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, op_name):
+    check_attention_inputs(q, k, v, causal=causal)
+    scale = _default_scale(q, softmax_scale)
+    if use_pallas(implementation, op_name, has_kernel=False):
+        raise AssertionError("unreachable: no Pallas softmax kernel is registered")
+    q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
+    visible = WindowMask(windows, causal).visible(q_pos, k_pos)[None]
+    return reference.softmax_attention(q, k, v, visible, scale)
+
+
+def flash_attention(
+    q: Float[Array, "b sq h d"],
+    k: Float[Array, "b sk kvh d"],
+    v: Float[Array, "b sk kvh d"],
+    causal: bool = True,
+    window_size: int | None = None,
+    *,
+    softmax_scale: float | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+) -> Float[Array, "b sq h d"]:
+    """Softmax attention; with ``window_size=W`` a sliding window (causal ``0 <= i-j < W``, else ``|i-j| < W``)."""
+    windows = _per_head_windows("window_size", window_size, q.shape[2] if q.ndim == 4 else 0)
+    return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret,
+                             "flash_attention")
+
+
+def multiscale_attention(
+    q: Float[Array, "b sq h d"],
+    k: Float[Array, "b sk kvh d"],
+    v: Float[Array, "b sk kvh d"],
+    window_sizes: Sequence[int | None],
+    causal: bool = True,
+    *,
+    softmax_scale: float | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+) -> Float[Array, "b sq h d"]:
+    """Softmax attention where query head ``h`` sees a window of ``window_sizes[h]`` (``None``: every key)."""
+    if isinstance(window_sizes, int) or window_sizes is None:
+        raise TypeError(
+            f"window_sizes must be a sequence with one int or None per query head, got {window_sizes!r}"
+        )
+    windows = _per_head_windows("window_sizes", window_sizes, q.shape[2] if q.ndim == 4 else 0)
+    return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret,
+                             "multiscale_attention")
+
+
+def sparse_attention(
+    q: Float[Array, "b sq h d"],
+    k: Float[Array, "b sk kvh d"],
+    v: Float[Array, "b sk kvh d"],
+    block_size: int = 64,
+    num_global_tokens: int = 1,
+    num_local_blocks: int = 3,
+    num_random_blocks: int = 3,
+    seed: int = 0,
+    causal: bool = True,
+    *,
+    softmax_scale: float | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+) -> Float[Array, "b sq h d"]:
+    """BigBird/Longformer block-sparse softmax attention under ``masks.sparse_mask``."""
+    num_heads, _ = check_attention_inputs(q, k, v, causal=causal)
+    config = SparseMask(num_heads, block_size, num_global_tokens, num_local_blocks, num_random_blocks,
+                        seed, causal)
+    check_sparse_config(config)
+    if use_pallas(implementation, "sparse_attention", has_kernel=False):
+        raise AssertionError("unreachable: no Pallas sparse kernel is registered")
+    q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
+    num_blocks = -(-k.shape[1] // block_size)
+    visible = config.visible(q_pos, k_pos, num_blocks)[None]
+    return reference.softmax_attention(q, k, v, visible, _default_scale(q, softmax_scale))
+
+
+def attention_at_positions(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b L kvh d"],
+    v: Float[Array, "b L kvh d"],
+    q_pos: Int[Array, "b t"],
+    k_pos: Int[Array, "b L"],
+    mask: WindowMask | SparseMask,
+    *,
+    num_blocks: int | None = None,
+    softmax_scale: float | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+) -> Float[Array, "b t h d"]:
+    """Softmax attention of queries at absolute positions ``q_pos`` over keys at ``k_pos`` (-1: empty slot).
+
+    The general form behind the caches (ring buffers store keys out of order). ``num_blocks`` is
+    needed by a ``SparseMask``: a static bound on the query blocks, ``max(q_pos) // block_size < num_blocks``.
+    """
+    check_attention_inputs(q, k, v, causal=False)
+    if use_pallas(implementation, "attention_at_positions", has_kernel=False):
+        raise AssertionError("unreachable: no Pallas kernel is registered")
+    if isinstance(mask, SparseMask):
+        if num_blocks is None:
+            raise ValueError("num_blocks must be given with a SparseMask, got None")
+        visible = mask.visible(q_pos, k_pos, num_blocks)
+    else:
+        visible = mask.visible(q_pos, k_pos)
+    return reference.softmax_attention(q, k, v, visible, _default_scale(q, softmax_scale))
+
+
+def decode_attention(
+    q: Float[Array, "b t h d"],
+    k_cache: Float[Array, "b L kvh d"],
+    v_cache: Float[Array, "b L kvh d"],
+    lengths: Int[Array, "b"],
+    window_size: int | None | Sequence[int | None] = None,
+    *,
+    softmax_scale: float | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+) -> Float[Array, "b t h d"]:
+    """Causal attention of ``t`` new queries against a preallocated cache.
+
+    ``lengths[b]`` counts the filled cache slots of row ``b`` *including* the ``t`` new tokens, so query
+    ``r`` sits at position ``lengths[b] - t + r`` and sees slots ``j < lengths[b]`` with ``j`` not after
+    it (and within ``window_size``: one int/None, or one per query head).
+    """
+    num_heads, _ = check_attention_inputs(q, k_cache, v_cache, causal=False)
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (q.shape[0],):
+        raise ValueError(f"lengths must have shape [batch] = ({q.shape[0]},), got {lengths.shape}")
+    windows = _per_head_windows("window_size", window_size, num_heads)
+    if use_pallas(implementation, "decode_attention", has_kernel=False):
+        raise AssertionError("unreachable: no Pallas decode kernel is registered")
+    q_pos, k_pos = reference.cache_positions(lengths, q.shape[1], k_cache.shape[1])
+    return attention_at_positions(
+        q, k_cache, v_cache, q_pos, k_pos, WindowMask(windows, causal=True),
+        softmax_scale=softmax_scale, implementation="xla",
+    )
