@@ -29,8 +29,9 @@ def softmax_attention(
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     group = h // kvh
+    acc = _accumulation_dtype(q.dtype)
     q_grouped = q.reshape(b, sq, kvh, group, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=acc)
     logits = logits * softmax_scale
     mask = visible.reshape(visible.shape[0], kvh, group, sq, sk)
     logits = jnp.where(mask, logits, -jnp.inf)
@@ -39,8 +40,13 @@ def softmax_attention(
     weights = jnp.exp(logits - row_max)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights / jnp.where(total == 0, 1.0, total)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32))
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(acc))
     return out.reshape(b, sq, h, d).astype(q.dtype)
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for low-precision inputs, float64 where the inputs are float64 (gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def causal_positions(q_len: int, kv_len: int) -> tuple[Int[Array, "sq"], Int[Array, "sk"]]:
@@ -98,11 +104,12 @@ def linear_attention(
     kvh = k.shape[2]
     group = h // kvh
     phi = FEATURE_MAPS[feature_map]
-    fq = phi(q.astype(jnp.float32)).reshape(b, s, kvh, group, d)
-    fk = phi(k.astype(jnp.float32))
-    vf = v.astype(jnp.float32)
+    acc = _accumulation_dtype(q.dtype)
+    fq = phi(q.astype(acc)).reshape(b, s, kvh, group, d)
+    fk = phi(k.astype(acc))
+    vf = v.astype(acc)
     state = zero_linear_state(b, kvh, d) if initial_state is None else initial_state
-    kv0, ksum0 = state.kv.astype(jnp.float32), state.k_sum.astype(jnp.float32)
+    kv0, ksum0 = state.kv.astype(acc), state.k_sum.astype(acc)
 
     if not causal:
         kv = kv0 + jnp.einsum("bshd,bshe->bhde", fk, vf)
@@ -119,7 +126,7 @@ def linear_attention(
     fq = jnp.pad(fq, pad + [(0, 0)] * 3).reshape(b, -1, chunk, kvh, group, d)
     fk = jnp.pad(fk, pad + [(0, 0)] * 2).reshape(b, -1, chunk, kvh, d)
     vf = jnp.pad(vf, pad + [(0, 0)] * 2).reshape(b, -1, chunk, kvh, d)
-    lower = jnp.tril(jnp.ones((chunk, chunk), jnp.float32))
+    lower = jnp.tril(jnp.ones((chunk, chunk), acc))
 
     def step(carry, xs):
         kv, ksum = carry

@@ -1,0 +1,46 @@
+"""Shared test settings: float64 references, the ``gpu`` marker and the implementation parametrisation."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not ON_GPU:
+            item.add_marker(skip_gpu)
+
+
+# The two backends every op is tested on: the XLA path, and the Pallas kernels in interpret mode
+# (on a GPU the real kernels are exercised by the tests marked ``gpu``).
+IMPLEMENTATIONS = {
+    "xla": {"implementation": "xla"},
+    "pallas": {"implementation": "pallas", "interpret": True},
+}
+
+
+@pytest.fixture(params=list(IMPLEMENTATIONS))
+def impl(request) -> dict:
+    return IMPLEMENTATIONS[request.param]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def x64():
+    """A context in which JAX computes in float64."""
+    return jax.enable_x64(True)
+
+
+def relerr(got, want) -> float:
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    assert np.all(np.isfinite(got)), "non-finite values in the result"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
