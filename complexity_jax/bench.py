@@ -1,0 +1,227 @@
+"""``python -m complexity_jax.bench``: our kernels beside their peers, in one run, one table.
+
+Each case is timed forward and forward+backward (gradients w.r.t. q, k, v) with warm-up runs and the
+median of many ``block_until_ready`` runs, and reports ms, TFLOP/s over the *visible* (query, key) pairs
+(causal counts the triangle, windows their band; backward counted as 2.5× the forward, the
+FlashAttention convention) and the temporary memory of the compiled forward+backward executable.
+Peers: ``jax.nn.dot_product_attention`` with cuDNN and with XLA (where the S×S logits fit), and JAX's
+built-in Pallas ``mha`` (K/V repeated for GQA outside the timed region; it has no GQA).
+
+``--quick`` runs tiny shapes (the kernels in interpret mode off-GPU) to check the harness itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from complexity_jax.profiling import format_bytes, median_ms, temp_memory_bytes
+
+ON_GPU = jax.default_backend() == "gpu"
+XLA_LOGITS_BUDGET = 24 * 2**30  # skip the XLA peer where its S×S float32 logits would pass this
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    def arrays(self, seed: int = 0):
+        keys = jax.random.split(jax.random.key(seed), 3)
+        dtype = jnp.dtype(self.dtype)
+        q = jax.random.normal(keys[0], (self.batch, self.seq_len, self.num_heads, self.head_dim), dtype)
+        k = jax.random.normal(keys[1], (self.batch, self.seq_len, self.num_kv_heads, self.head_dim), dtype)
+        v = jax.random.normal(keys[2], (self.batch, self.seq_len, self.num_kv_heads, self.head_dim), dtype)
+        return q, k, v
+
+
+def visible_pairs(seq_len: int, windows: tuple[int | None, ...]) -> int:
+    """Causal (query, key) pairs summed over heads: ``sum_i min(i + 1, W_h)``."""
+    total = 0
+    i = np.arange(seq_len, dtype=np.int64)
+    for w in windows:
+        total += int(np.minimum(i + 1, seq_len if w is None else w).sum())
+    return total
+
+
+@dataclasses.dataclass
+class Result:
+    suite: str
+    case: str
+    impl: str
+    seq_len: int
+    forward_ms: float | None = None
+    forward_backward_ms: float | None = None
+    forward_tflops: float | None = None
+    forward_backward_tflops: float | None = None
+    temp_memory_bytes: int | None = None
+    note: str = ""
+
+
+def _grad_fn(fn: Callable) -> Callable:
+    def loss(q, k, v, ct):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def measure(suite: str, case: str, impl: str, fn: Callable, shape: Shape, flops_forward: float,
+            repeats: int, backward: bool = True) -> Result:
+    q, k, v = shape.arrays()
+    result = Result(suite, case, impl, shape.seq_len)
+    try:
+        fwd = jax.jit(fn)
+        result.forward_ms = median_ms(fwd, q, k, v, repeats=repeats)
+        result.forward_tflops = flops_forward / result.forward_ms / 1e9
+        if backward:
+            ct = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+            grad = _grad_fn(fn)
+            result.forward_backward_ms = median_ms(jax.jit(grad), q, k, v, ct, repeats=repeats)
+            result.forward_backward_tflops = 3.5 * flops_forward / result.forward_backward_ms / 1e9
+            result.temp_memory_bytes = temp_memory_bytes(grad, q, k, v, ct)
+    except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+        result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return result
+
+
+def ours(interpret: bool, **kwargs) -> dict:
+    return {"implementation": "pallas", "interpret": interpret, **kwargs}
+
+
+def cudnn_or_xla(implementation: str, window: int | None) -> Callable:
+    local = None if window is None else (window - 1, 0)
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=local, implementation=implementation
+    )
+
+
+def builtin_pallas_mha(shape: Shape, interpret: bool) -> Callable:
+    from jax.experimental.pallas.ops.gpu import attention as jax_attention
+
+    group = shape.num_heads // shape.num_kv_heads
+    scale = shape.head_dim ** -0.5
+
+    def fn(q, k, v):
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        return jax_attention.mha(q, k, v, segment_ids=None, sm_scale=scale, causal=True, interpret=interpret)
+
+    return fn
+
+
+def softmax_suite(shape: Shape, seq_lens: list[int], window: int, repeats: int, interpret: bool,
+                  progress: Callable[[str], None]) -> list[Result]:
+    results = []
+    h = shape.num_heads
+    for s in seq_lens:
+        sh = dataclasses.replace(shape, seq_len=s)
+        fits_xla = sh.batch * h * s * s * 4 * 3 < XLA_LOGITS_BUDGET
+        causal_flops = 4.0 * sh.batch * sh.head_dim * visible_pairs(s, (None,) * h)
+        window_flops = 4.0 * sh.batch * sh.head_dim * visible_pairs(s, (window,) * h)
+        cases = [
+            ("flash causal", "ours", lambda q, k, v: pk.flash_attention(q, k, v, **ours(interpret)), causal_flops),
+            ("flash causal", "cudnn", cudnn_or_xla("cudnn", None), causal_flops),
+            ("flash causal", "jax pallas mha", builtin_pallas_mha(sh, interpret), causal_flops),
+            (f"window {window}", "ours",
+             lambda q, k, v: pk.flash_attention(q, k, v, window_size=window, **ours(interpret)), window_flops),
+            (f"window {window}", "cudnn", cudnn_or_xla("cudnn", window), window_flops),
+        ]
+        if fits_xla:
+            cases += [("flash causal", "xla", cudnn_or_xla("xla", None), causal_flops),
+                      (f"window {window}", "xla", cudnn_or_xla("xla", window), window_flops)]
+        if not ON_GPU:
+            cases = [c for c in cases if c[1] != "cudnn"]
+        for case, impl, fn, flops in cases:
+            progress(f"softmax S={s}: {case} / {impl}")
+            results.append(measure("softmax", case, impl, fn, sh, flops, repeats))
+    return results
+
+
+def multiscale_suite(shape: Shape, repeats: int, interpret: bool, progress) -> list[Result]:
+    """Multi-scale against its two halves run alone: 16 local heads (256/512/1024) and 16 global heads."""
+    h, half = shape.num_heads, shape.num_heads // 2
+    windows = tuple((256, 512, 1024)[i * 3 // half] for i in range(half)) + (None,) * half
+    s, b, d = shape.seq_len, shape.batch, shape.head_dim
+    half_shape = dataclasses.replace(shape, num_heads=half, num_kv_heads=shape.num_kv_heads // 2)
+    flops = lambda ws: 4.0 * b * d * visible_pairs(s, ws)
+    cases = [
+        ("multiscale 16 local + 16 global", shape, windows,
+         lambda q, k, v: pk.multiscale_attention(q, k, v, windows, **ours(interpret))),
+        ("16 local heads alone", half_shape, windows[:half],
+         lambda q, k, v: pk.multiscale_attention(q, k, v, windows[:half], **ours(interpret))),
+        ("16 global heads alone", half_shape, windows[half:],
+         lambda q, k, v: pk.flash_attention(q, k, v, **ours(interpret))),
+    ]
+    del h
+    results = []
+    for case, sh, ws, fn in cases:
+        progress(f"multiscale S={s}: {case}")
+        results.append(measure("multiscale", case, "ours", fn, sh, flops(ws), repeats))
+    return results
+
+
+def print_table(results: list[Result]) -> None:
+    header = (f"{'suite':<10} {'case':<32} {'impl':<15} {'S':>6} {'fwd ms':>8} {'TF/s':>6} "
+              f"{'f+b ms':>8} {'TF/s':>6} {'f+b temp':>10}  note")
+    print(header)
+    print("-" * len(header))
+    fmt = lambda x, spec: format(x, spec) if x is not None else "-"
+    for r in results:
+        print(f"{r.suite:<10} {r.case:<32} {r.impl:<15} {r.seq_len:>6} {fmt(r.forward_ms, '8.3f'):>8} "
+              f"{fmt(r.forward_tflops, '6.1f'):>6} {fmt(r.forward_backward_ms, '8.3f'):>8} "
+              f"{fmt(r.forward_backward_tflops, '6.1f'):>6} {format_bytes(r.temp_memory_bytes):>10}  {r.note}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m complexity_jax.bench", description=__doc__)
+    p.add_argument("--suites", nargs="+", default=["softmax", "multiscale"], choices=["softmax", "multiscale"])
+    p.add_argument("--quick", action="store_true", help="tiny shapes; kernels in interpret mode off-GPU")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None)
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", default="bench_results.json", help="where to write the raw results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    interpret = not ON_GPU
+    if args.quick:
+        shape = Shape(batch=1, seq_len=128, num_heads=4, num_kv_heads=2, head_dim=32, dtype="float32")
+        seq_lens, window, repeats = args.seq_lens or [128], min(args.window, 32), args.repeats or 2
+    else:
+        shape = Shape(batch=2, seq_len=8192, num_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+        seq_lens, window, repeats = args.seq_lens or [8192, 32768], args.window, args.repeats or 20
+    progress = lambda msg: print(f"... {msg}", file=sys.stderr, flush=True)
+    device = jax.devices()[0]
+    meta = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+            "shape": dataclasses.asdict(shape), "window": window, "repeats": repeats}
+    print(f"device {meta['device']}, jax {meta['jax']}, batch {shape.batch}, heads {shape.num_heads}/"
+          f"{shape.num_kv_heads}, head_dim {shape.head_dim}, {shape.dtype}", flush=True)
+    results: list[Result] = []
+    if "softmax" in args.suites:
+        results += softmax_suite(shape, seq_lens, window, repeats, interpret, progress)
+    if "multiscale" in args.suites:
+        ms_shape = dataclasses.replace(shape, seq_len=seq_lens[0])
+        results += multiscale_suite(ms_shape, repeats, interpret, progress)
+    print_table(results)
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
