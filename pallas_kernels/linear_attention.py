@@ -6,6 +6,7 @@ from jaxtyping import Array, Float
 
 from pallas_kernels import reference
 from pallas_kernels._dispatch import use_pallas
+from pallas_kernels._triton import linear as triton_linear
 from pallas_kernels._validation import FEATURE_MAPS, check_attention_inputs, check_choice
 from pallas_kernels.reference import LinearState
 
@@ -46,6 +47,10 @@ def linear_attention(
         raise ValueError(f"linear attention needs q_len == kv_len, got {q.shape[1]} and {k.shape[1]}")
     if initial_state is not None:
         initial_state = _check_state(initial_state, q.shape[0], k.shape[2], q.shape[3])
-    if use_pallas(implementation, "linear_attention", has_kernel=False):
-        raise AssertionError("unreachable: no Pallas linear kernel is registered")
+    head_dim = q.shape[3]
+    # The kernel's matrix products need power-of-two head dims of at least 16.
+    has_kernel = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    if use_pallas(implementation, "linear_attention", has_kernel):
+        return triton_linear.linear_attention(q, k, v, feature_map=feature_map, causal=causal,
+                                              initial_state=initial_state, interpret=interpret)
     return reference.linear_attention(q, k, v, feature_map, causal, initial_state)

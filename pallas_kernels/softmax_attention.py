@@ -15,6 +15,8 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import reference
 from pallas_kernels._dispatch import use_pallas
+from pallas_kernels._triton import softmax as triton_softmax
+from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels._validation import (
     check_attention_inputs,
     check_positive,
@@ -42,11 +44,13 @@ def _per_head_windows(name: str, windows: int | None | Sequence[int | None], num
     return windows
 
 
-def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, op_name):
+def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
+                      op_name):
     check_attention_inputs(q, k, v, causal=causal)
     scale = _default_scale(q, softmax_scale)
-    if use_pallas(implementation, op_name, has_kernel=False):
-        raise AssertionError("unreachable: no Pallas softmax kernel is registered")
+    if use_pallas(implementation, op_name, has_kernel=True):
+        return triton_softmax.softmax_attention(q, k, v, windows=windows, causal=causal, softmax_scale=scale,
+                                                interpret=interpret, config=kernel_config)
     q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
     visible = WindowMask(windows, causal).visible(q_pos, k_pos)[None]
     return reference.softmax_attention(q, k, v, visible, scale)
@@ -62,10 +66,14 @@ def flash_attention(
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    kernel_config: KernelConfig | None = None,
 ) -> Float[Array, "b sq h d"]:
-    """Softmax attention; with ``window_size=W`` a sliding window (causal ``0 <= i-j < W``, else ``|i-j| < W``)."""
+    """Softmax attention; with ``window_size=W`` a sliding window (causal ``0 <= i-j < W``, else ``|i-j| < W``).
+
+    ``kernel_config`` overrides the Pallas kernel's block sizes, warps and stages (default: a per-shape table).
+    """
     windows = _per_head_windows("window_size", window_size, q.shape[2] if q.ndim == 4 else 0)
-    return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret,
+    return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
                              "flash_attention")
 
 
@@ -79,14 +87,18 @@ def multiscale_attention(
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    kernel_config: KernelConfig | None = None,
 ) -> Float[Array, "b sq h d"]:
-    """Softmax attention where query head ``h`` sees a window of ``window_sizes[h]`` (``None``: every key)."""
+    """Softmax attention where query head ``h`` sees a window of ``window_sizes[h]`` (``None``: every key).
+
+    All heads run in one kernel launch; ``kernel_config`` as in ``flash_attention``.
+    """
     if isinstance(window_sizes, int) or window_sizes is None:
         raise TypeError(
             f"window_sizes must be a sequence with one int or None per query head, got {window_sizes!r}"
         )
     windows = _per_head_windows("window_sizes", window_sizes, q.shape[2] if q.ndim == 4 else 0)
-    return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret,
+    return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
                              "multiscale_attention")
 
 

@@ -1,0 +1,573 @@
+"""Softmax attention (FlashAttention-2 scheme) as Pallas kernels for the Triton GPU lowering.
+
+Layout: ``q`` is ``[batch, q_len, heads, head_dim]``, ``k``/``v`` are ``[batch, kv_len, kv_heads, head_dim]`` with
+``heads = kv_heads * group``; query head ``h`` reads KV head ``h // group``. Query row ``r`` sits at absolute position
+``i = r + kv_len - q_len`` and sees key ``j`` iff ``0 <= i - j < W_h`` (causal) or ``|i - j| < W_h`` (non-causal),
+where ``W_h = windows[h]`` (``None`` = unlimited).
+
+Every kernel loops only over the blocks its mask can see, in two phases: blocks that are entirely visible run
+without an element mask, the partial ones (diagonal, window edges, ragged tails) apply ``_visible``. A sliding
+window therefore costs O(S * W) in the forward and in both backward kernels.
+
+The log-sum-exp residual is kept in base 2 (``lse = log2(sum(exp2(s)))`` with ``s = scale * log2(e) * q.k``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from .compiler import compiler_params, pl, plgpu
+
+# Stands in for an unlimited window; large enough for any sequence, small enough that ``pos +- window`` fits int32.
+_NO_WINDOW = 2**30
+# Triton's ``tl.dot`` needs every operand dimension to be at least 16.
+_MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch settings; every block must be a power of two and at least 16.
+
+    ``block_q``/``block_k`` tile the forward kernel; ``block_q_bwd``/``block_k_bwd`` tile both backward kernels
+    (the dQ kernel owns a query block and loops over key blocks, the dK/dV kernel the reverse).
+    """
+
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+    num_warps: int
+    num_stages: int
+    num_warps_bwd: int
+    num_stages_bwd: int
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+            block = getattr(self, name)
+            if block < _MIN_BLOCK or block & (block - 1):
+                raise ValueError(f"{name}={block} must be a power of two >= {_MIN_BLOCK}")
+
+
+# (largest head_dim, largest dtype itemsize) -> config; first matching row wins. 4-byte inputs get smaller tiles where
+# the pipelined K/V stages would not fit in shared memory otherwise. To be tuned on the GPU.
+_CONFIG_TABLE: tuple[tuple[int, int, KernelConfig], ...] = (
+    (64, 2, KernelConfig(128, 64, 64, 64, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
+    (128, 2, KernelConfig(128, 64, 64, 64, num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
+    (256, 2, KernelConfig(64, 64, 32, 32, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2)),
+    (64, 4, KernelConfig(128, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
+    (128, 4, KernelConfig(64, 64, 32, 32, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
+    (256, 4, KernelConfig(32, 32, 32, 32, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
+)
+
+
+def default_config(q_len: int, kv_len: int, head_dim: int, dtype: Any) -> KernelConfig:
+    """Heuristic config for one shape: a row of ``_CONFIG_TABLE``, blocks shrunk to fit short sequences."""
+    itemsize = jnp.dtype(dtype).itemsize
+    head_dim_padded = _pow2_at_least(head_dim)
+    config = next(
+        (c for max_d, max_size, c in _CONFIG_TABLE if head_dim_padded <= max_d and itemsize <= max_size),
+        _CONFIG_TABLE[-1][2],
+    )
+    q_cap, kv_cap = _pow2_at_least(q_len), _pow2_at_least(kv_len)
+    return dataclasses.replace(
+        config,
+        block_q=min(config.block_q, q_cap),
+        block_k=min(config.block_k, kv_cap),
+        block_q_bwd=min(config.block_q_bwd, q_cap),
+        block_k_bwd=min(config.block_k_bwd, kv_cap),
+    )
+
+
+def softmax_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
+    *,
+    windows: tuple[int | None, ...],
+    causal: bool,
+    softmax_scale: float,
+    interpret: bool = False,
+    config: KernelConfig | None = None,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """Windowed (per query head) causal or bidirectional softmax attention with GQA; output in ``q.dtype``.
+
+    ``windows[h]`` is the window of query head ``h`` (``None`` = unlimited); ``config=None`` picks
+    ``default_config``. Differentiable (custom VJP) and usable under ``jit``/``vmap``.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    _, kv_len, kv_heads, _ = k.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+    windows = tuple(windows)
+    if len(windows) != heads or any(w is not None and w < 1 for w in windows):
+        raise ValueError(f"need one window >= 1 (or None) per query head, got {windows} for {heads} heads")
+    if causal and q_len > kv_len:
+        raise ValueError(f"causal attention needs q_len <= kv_len, got {q_len} > {kv_len}")
+    if config is None:
+        config = default_config(q_len, kv_len, head_dim, q.dtype)
+    return _attention(q, k, v, windows, bool(causal), float(softmax_scale), bool(interpret), config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared pieces: static shape info, element mask, block ranges, tile loads/stores, the two-phase loop.
+
+
+class _Static(NamedTuple):
+    """Trace-time constants every kernel needs."""
+
+    q_len: int
+    kv_len: int
+    head_dim: int
+    causal: bool
+    softmax_scale: float
+
+    @property
+    def head_dim_padded(self) -> int:
+        return _pow2_at_least(self.head_dim)
+
+    @property
+    def offset(self) -> int:
+        """Absolute position of query row 0."""
+        return self.kv_len - self.q_len
+
+    @property
+    def qk_scale(self) -> float:
+        """Score scale in the base-2 domain: ``exp(scale * x) == exp2(qk_scale * x)``."""
+        return self.softmax_scale * math.log2(math.e)
+
+
+class _BlockRange(NamedTuple):
+    """Blocks ``[lo, hi)`` contain every visible element; blocks ``[full_lo, full_hi)`` are entirely visible."""
+
+    lo: Int[Array, ""]
+    full_lo: Int[Array, ""]
+    full_hi: Int[Array, ""]
+    hi: Int[Array, ""]
+
+
+def _pow2_at_least(n: int) -> int:
+    return max(_MIN_BLOCK, pl.next_power_of_2(n))
+
+
+def _visible(
+    q_pos: Int[Array, "..."], k_pos: Int[Array, "..."], window: Int[Array, ""], causal: bool, kv_len: int
+) -> Bool[Array, "..."]:
+    """Whether the key at ``k_pos`` is visible to the query at ``q_pos`` (broadcasting); keys past ``kv_len`` never are."""
+    d = q_pos - k_pos
+    lower = d >= 0 if causal else d > -window
+    return lower & (d < window) & (k_pos < kv_len)
+
+
+def _offset_bounds(window: Int[Array, ""], causal: bool) -> tuple[Int[Array, ""], Int[Array, ""]]:
+    """Visible ``i - j`` lies in ``[d_min, d_max]``."""
+    return (0 if causal else 1 - window), window - 1
+
+
+def _block_range(any_lo, any_hi, all_lo, all_hi, length: int, block: int) -> _BlockRange:
+    """Blocks of the looped axis (``length`` positions, tiles of ``block``) given inclusive position intervals.
+
+    ``[any_lo, any_hi]``: positions visible to SOME element of the program's tile; ``[all_lo, all_hi]``: visible to
+    ALL of them. Only in-bounds blocks count as entirely visible, so ragged tails land in the masked phase.
+    """
+    last = length - 1
+    lo = lax.div(jnp.maximum(any_lo, 0), block)
+    hi = jnp.maximum(lax.div(jnp.maximum(jnp.minimum(any_hi, last) + 1, 0) + block - 1, block), lo)
+    full_lo = lax.div(jnp.maximum(all_lo, 0) + block - 1, block)
+    full_hi = lax.div(jnp.maximum(jnp.minimum(all_hi, last) + 1, 0), block)
+    full_lo = jnp.minimum(jnp.maximum(full_lo, lo), hi)
+    full_hi = jnp.minimum(jnp.maximum(full_hi, full_lo), hi)
+    return _BlockRange(lo, full_lo, full_hi, hi)
+
+
+def _kv_block_range(q_first, q_last, window, st: _Static, block_k: int) -> _BlockRange:
+    """Key blocks seen by the query positions ``[q_first, q_last]`` (absolute positions)."""
+    d_min, d_max = _offset_bounds(window, st.causal)
+    return _block_range(q_first - d_max, q_last - d_min, q_last - d_max, q_first - d_min, st.kv_len, block_k)
+
+
+def _q_block_range(k_first, k_last, window, st: _Static, block_q: int) -> _BlockRange:
+    """Query-row blocks that see the key positions ``[k_first, k_last]``."""
+    d_min, d_max = _offset_bounds(window, st.causal)
+    r = -st.offset  # absolute position -> query row
+    return _block_range(k_first + d_min + r, k_last + d_max + r, k_last + d_min + r, k_first + d_max + r, st.q_len, block_q)
+
+
+def _two_phase_loop(blocks: _BlockRange, step: Callable[..., Any], carry: Any) -> Any:
+    """Runs ``step(block, carry, masked=...)`` over ``blocks``: unmasked over the full ones, masked over the rest."""
+    carry = lax.fori_loop(blocks.full_lo, blocks.full_hi, functools.partial(step, masked=False), carry)
+    n_before = blocks.full_lo - blocks.lo
+
+    def masked_step(t, carry):
+        block = jnp.where(t < n_before, blocks.lo + t, blocks.full_hi + (t - n_before))
+        return step(block, carry, masked=True)
+
+    return lax.fori_loop(0, n_before + blocks.hi - blocks.full_hi, masked_step, carry)
+
+
+def _row_mask(start, size: int, length: int) -> Bool[Array, " size"] | None:
+    """In-bounds rows of the tile ``[start, start + size)``; ``None`` when tiles never cross ``length``."""
+    if length % size == 0:
+        return None
+    return start + jnp.arange(size) < length
+
+
+def _tile_mask(row_ok: Bool[Array, " rows"] | None, st: _Static) -> Bool[Array, "rows head_dim_padded"] | None:
+    mask = None if row_ok is None else row_ok[:, None]
+    if st.head_dim < st.head_dim_padded:
+        head_ok = (jnp.arange(st.head_dim_padded) < st.head_dim)[None, :]
+        mask = head_ok if mask is None else mask & head_ok
+    return mask
+
+
+def _load_tile(ref, row_ok, st: _Static) -> Array:
+    """Loads a ``[rows, head_dim_padded]`` tile; masked rows and padded head columns read 0."""
+    mask = _tile_mask(row_ok, st)
+    if mask is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=0.0)
+
+
+def _store_tile(ref, value: Array, row_ok, st: _Static) -> None:
+    plgpu.store(ref, value.astype(ref.dtype), mask=_tile_mask(row_ok, st))
+
+
+def _load_rows(ref, row_ok, other: float) -> Array:
+    """Loads a per-row fp32 vector (lse, delta); masked rows read ``other``."""
+    if row_ok is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=row_ok, other=other)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _fwd_kv_block(
+    kb, carry, *, masked: bool, q, q_pos, k_ref, v_ref, window, st: _Static, block_k: int
+) -> tuple[Array, Array, Array]:
+    """One online-softmax step over key block ``kb``; ``masked`` applies the element mask (partial blocks)."""
+    acc, m, l = carry
+    k_pos = kb * block_k + jnp.arange(block_k)
+    k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
+    rows = pl.ds(kb * block_k, block_k)
+    k = _load_tile(k_ref.at[rows, :], k_ok, st)
+    v = _load_tile(v_ref.at[rows, :], k_ok, st)
+    s = plgpu.dot(q, k, trans_b=True) * st.qk_scale
+    if masked:
+        s = jnp.where(_visible(q_pos[:, None], k_pos[None, :], window, st.causal, st.kv_len), s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0 rather than NaN.
+    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m - m_sub)
+    p = jnp.exp2(s - m_sub[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+
+def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, block_q: int, block_k: int):
+    """Grid ``(q_blocks, batch, heads)``: one query block of one head against its visible key blocks."""
+    qb, h = pl.program_id(0), pl.program_id(2)
+    window = w_ref[h]
+    r0 = qb * block_q
+    row_ok = _row_mask(r0, block_q, st.q_len)
+    q = _load_tile(q_ref, row_ok, st)
+    q_pos = r0 + st.offset + jnp.arange(block_q)
+    r_last = jnp.minimum(r0 + block_q, st.q_len) - 1
+    blocks = _kv_block_range(r0 + st.offset, r_last + st.offset, window, st, block_k)
+
+    carry = (
+        jnp.zeros((block_q, st.head_dim_padded), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    step = functools.partial(
+        _fwd_kv_block, q=q, q_pos=q_pos, k_ref=k_ref, v_ref=v_ref, window=window, st=st, block_k=block_k
+    )
+    acc, m, l = _two_phase_loop(blocks, step, carry)
+
+    empty = l == 0.0
+    _store_tile(o_ref, acc / jnp.where(empty, 1.0, l)[:, None], row_ok, st)
+    # +inf makes the backward's exp2(s - lse) vanish on rows that saw no key.
+    plgpu.store(lse_ref, jnp.where(empty, jnp.inf, m + jnp.log2(l)), mask=row_ok)
+
+
+def _window_array(windows: tuple[int | None, ...]) -> Int[Array, " heads_padded"]:
+    """Per-head windows as int32, padded to a power-of-two length (block shapes must be powers of two)."""
+    values = [_NO_WINDOW if w is None else min(w, _NO_WINDOW) for w in windows]
+    values += [_NO_WINDOW] * (pl.next_power_of_2(len(values)) - len(values))
+    return jnp.asarray(values, jnp.int32)
+
+
+def _static(q: Array, k: Array, causal: bool, softmax_scale: float) -> _Static:
+    return _Static(q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3], causal=causal, softmax_scale=softmax_scale)
+
+
+def _kv_head(h, group: int):
+    return h if group == 1 else lax.div(h, group)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _forward(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
+    windows: tuple[int | None, ...],
+    causal: bool,
+    softmax_scale: float,
+    interpret: bool,
+    config: KernelConfig,
+) -> tuple[Float[Array, "batch q_len heads head_dim"], Float[Array, "batch heads q_len"]]:
+    """Output and base-2 log-sum-exp ``[batch, heads, q_len]``."""
+    batch, q_len, heads, _ = q.shape
+    kv_len, group = k.shape[1], heads // k.shape[2]
+    st = _static(q, k, causal, softmax_scale)
+    bq, dp = config.block_q, st.head_dim_padded
+    w = _window_array(windows)
+
+    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
+    kv_spec = pl.BlockSpec((None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, block_q=bq, block_k=config.block_k),
+        grid=(pl.cdiv(q_len, bq), batch, heads),
+        in_specs=[pl.BlockSpec(w.shape, lambda i, b, h: (0,)), q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name="softmax_attention_fwd",
+    )(w, q, k, v)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward: delta = rowsum(dO * O), then dQ (grid over query blocks) and dK/dV (grid over key blocks).
+
+
+def _delta_kernel(o_ref, do_ref, delta_ref, *, st: _Static, block_q: int):
+    row_ok = _row_mask(pl.program_id(0) * block_q, block_q, st.q_len)
+    o = _load_tile(o_ref, row_ok, st).astype(jnp.float32)
+    do = _load_tile(do_ref, row_ok, st).astype(jnp.float32)
+    plgpu.store(delta_ref, jnp.sum(o * do, axis=1), mask=row_ok)
+
+
+def _dq_kv_block(
+    kb, dq, *, masked: bool, q, do, lse, delta, q_pos, k_ref, v_ref, window, st: _Static, block_k: int
+) -> Array:
+    """Adds key block ``kb``'s contribution ``dS @ K`` (without the softmax scale) to ``dq``."""
+    k_pos = kb * block_k + jnp.arange(block_k)
+    k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
+    rows = pl.ds(kb * block_k, block_k)
+    k = _load_tile(k_ref.at[rows, :], k_ok, st)
+    v = _load_tile(v_ref.at[rows, :], k_ok, st)
+    s = plgpu.dot(q, k, trans_b=True) * st.qk_scale
+    if masked:
+        s = jnp.where(_visible(q_pos[:, None], k_pos[None, :], window, st.causal, st.kv_len), s, -jnp.inf)
+    p = jnp.exp2(s - lse[:, None])
+    ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+
+def _dq_kernel(
+    w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, block_q: int, block_k: int
+):
+    """Grid ``(q_blocks, batch, heads)``: dQ of one query block, looping over its visible key blocks."""
+    qb, h = pl.program_id(0), pl.program_id(2)
+    window = w_ref[h]
+    r0 = qb * block_q
+    row_ok = _row_mask(r0, block_q, st.q_len)
+    q = _load_tile(q_ref, row_ok, st)
+    do = _load_tile(do_ref, row_ok, st)
+    lse = _load_rows(lse_ref, row_ok, jnp.inf)
+    delta = _load_rows(delta_ref, row_ok, 0.0)
+    r_last = jnp.minimum(r0 + block_q, st.q_len) - 1
+    blocks = _kv_block_range(r0 + st.offset, r_last + st.offset, window, st, block_k)
+
+    step = functools.partial(
+        _dq_kv_block,
+        q=q,
+        do=do,
+        lse=lse,
+        delta=delta,
+        q_pos=r0 + st.offset + jnp.arange(block_q),
+        k_ref=k_ref,
+        v_ref=v_ref,
+        window=window,
+        st=st,
+        block_k=block_k,
+    )
+    dq = _two_phase_loop(blocks, step, jnp.zeros((block_q, st.head_dim_padded), jnp.float32))
+    _store_tile(dq_ref, dq * st.softmax_scale, row_ok, st)
+
+
+def _dkdv_q_block(
+    qb, carry, *, masked: bool, h, k, v, k_pos, q_ref, do_ref, lse_ref, delta_ref, window, st: _Static, block_q: int
+) -> tuple[Array, Array]:
+    """Adds query block ``qb`` of head ``h`` to ``(dk, dv)``; scores are kept transposed, ``[keys, queries]``."""
+    dk, dv = carry
+    r0 = qb * block_q
+    row_ok = _row_mask(r0, block_q, st.q_len) if masked else None
+    rows = pl.ds(r0, block_q)
+    q = _load_tile(q_ref.at[rows, h, :], row_ok, st)
+    do = _load_tile(do_ref.at[rows, h, :], row_ok, st)
+    lse = _load_rows(lse_ref.at[h, rows], row_ok, jnp.inf)
+    delta = _load_rows(delta_ref.at[h, rows], row_ok, 0.0)
+    s_t = plgpu.dot(k, q, trans_b=True) * st.qk_scale
+    if masked:
+        q_pos = r0 + st.offset + jnp.arange(block_q)
+        s_t = jnp.where(_visible(q_pos[None, :], k_pos[:, None], window, st.causal, st.kv_len), s_t, -jnp.inf)
+    p_t = jnp.exp2(s_t - lse[None, :])
+    dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
+    ds_t = p_t * (plgpu.dot(v, do, trans_b=True) - delta[None, :])
+    dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
+    return dk, dv
+
+
+def _dkdv_kernel(
+    w_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    st: _Static,
+    group: int,
+    block_q: int,
+    block_k: int,
+):
+    """Grid ``(kv_blocks, batch, kv_heads)``: dK/dV of one key block, summed over the ``group`` query heads.
+
+    ``q_ref``/``do_ref`` hold all heads ``[q_len, heads, d]`` and ``lse_ref``/``delta_ref`` ``[heads, q_len]``.
+    """
+    kb, g = pl.program_id(0), pl.program_id(2)
+    j0 = kb * block_k
+    k_ok = _row_mask(j0, block_k, st.kv_len)
+    k = _load_tile(k_ref, k_ok, st)
+    v = _load_tile(v_ref, k_ok, st)
+    k_pos = j0 + jnp.arange(block_k)
+    j_last = jnp.minimum(j0 + block_k, st.kv_len) - 1
+
+    def head(t, carry):
+        h = g * group + t
+        window = w_ref[h]
+        step = functools.partial(
+            _dkdv_q_block,
+            h=h,
+            k=k,
+            v=v,
+            k_pos=k_pos,
+            q_ref=q_ref,
+            do_ref=do_ref,
+            lse_ref=lse_ref,
+            delta_ref=delta_ref,
+            window=window,
+            st=st,
+            block_q=block_q,
+        )
+        return _two_phase_loop(_q_block_range(j0, j_last, window, st, block_q), step, carry)
+
+    zeros = jnp.zeros((block_k, st.head_dim_padded), jnp.float32)
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    _store_tile(dk_ref, dk * st.softmax_scale, k_ok, st)
+    _store_tile(dv_ref, dv, k_ok, st)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _backward(
+    windows: tuple[int | None, ...],
+    causal: bool,
+    softmax_scale: float,
+    interpret: bool,
+    config: KernelConfig,
+    res: tuple[Array, Array, Array, Array, Array],
+    do: Float[Array, "batch q_len heads head_dim"],
+) -> tuple[Array, Array, Array]:
+    q, k, v, out, lse = res
+    batch, q_len, heads, _ = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    st = _static(q, k, causal, softmax_scale)
+    bq, bk, dp = config.block_q_bwd, config.block_k_bwd, st.head_dim_padded
+    params = compiler_params(config.num_warps_bwd, config.num_stages_bwd)
+    w = _window_array(windows)
+    w_spec = pl.BlockSpec(w.shape, lambda i, b, h: (0,))
+    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    q_grid = (pl.cdiv(q_len, bq), batch, heads)
+
+    delta = pl.pallas_call(
+        functools.partial(_delta_kernel, st=st, block_q=bq),
+        grid=q_grid,
+        in_specs=[q_spec, q_spec],
+        out_specs=row_spec,
+        out_shape=jax.ShapeDtypeStruct(lse.shape, jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name="softmax_attention_bwd_delta",
+    )(out, do)
+
+    kv_all_spec = pl.BlockSpec(
+        (None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0)
+    )
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
+        grid=q_grid,
+        in_specs=[w_spec, q_spec, kv_all_spec, kv_all_spec, q_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="softmax_attention_bwd_dq",
+    )(w, q, k, v, do, lse, delta)
+
+    q_len_p2, heads_p2 = pl.next_power_of_2(q_len), pl.next_power_of_2(heads)
+    q_all_spec = pl.BlockSpec((None, q_len_p2, heads_p2, dp), lambda j, b, g: (b, 0, 0, 0))
+    row_all_spec = pl.BlockSpec((None, heads_p2, q_len_p2), lambda j, b, g: (b, 0, 0))
+    kv_spec = pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, j, g, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st, group=group, block_q=bq, block_k=bk),
+        grid=(pl.cdiv(kv_len, bk), batch, kv_heads),
+        in_specs=[w_spec, q_all_spec, kv_spec, kv_spec, q_all_spec, row_all_spec, row_all_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params,
+        interpret=interpret,
+        name="softmax_attention_bwd_dkdv",
+    )(w, q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------------------
+# custom_vjp glue: only O(S) residuals (q, k, v, out, lse) are saved.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _attention(q, k, v, windows, causal, softmax_scale, interpret, config):
+    return _forward(q, k, v, windows, causal, softmax_scale, interpret, config)[0]
+
+
+def _attention_fwd(q, k, v, windows, causal, softmax_scale, interpret, config):
+    out, lse = _forward(q, k, v, windows, causal, softmax_scale, interpret, config)
+    return out, (q, k, v, out, lse)
+
+
+_attention.defvjp(_attention_fwd, _backward)
+
+
+__all__ = ["KernelConfig", "default_config", "softmax_attention"]
