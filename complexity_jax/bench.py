@@ -4,8 +4,9 @@ Each case is timed forward and forward+backward (gradients w.r.t. q, k, v) with 
 median of many ``block_until_ready`` runs, and reports ms, TFLOP/s over the *visible* (query, key) pairs
 (causal counts the triangle, windows their band; backward counted as 2.5× the forward, the
 FlashAttention convention) and the temporary memory of the compiled forward+backward executable.
-Peers: ``jax.nn.dot_product_attention`` with cuDNN and with XLA (where the S×S logits fit), and JAX's
-built-in Pallas ``mha`` (K/V repeated for GQA outside the timed region; it has no GQA).
+Peers: ``jax.nn.dot_product_attention`` with cuDNN and with XLA (where the S×S logits fit), JAX's
+built-in Pallas ``mha`` (it has no GQA: K/V are repeated inside its timed function), and for the linear
+suite flash-linear-attention (``fla-core``, carried to the GPU machine as a wheel).
 
 ``--quick`` runs tiny shapes (the kernels in interpret mode off-GPU) to check the harness itself.
 """
@@ -172,6 +173,60 @@ def multiscale_suite(shape: Shape, repeats: int, interpret: bool, progress) -> l
     return results
 
 
+def linear_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool, progress) -> list[Result]:
+    """Causal elu linear attention (32 heads, no GQA) beside our causal flash kernel and, where importable,
+    flash-linear-attention's ``chunk_linear_attn(normalize=True)`` (PyPI ``fla-core``, over torch)."""
+    results = []
+    h, d, b = shape.num_heads, shape.head_dim, shape.batch
+    mha = dataclasses.replace(shape, num_kv_heads=h)
+    for s in seq_lens:
+        sh = dataclasses.replace(mha, seq_len=s)
+        linear_flops = 4.0 * b * h * s * d * d  # phi(k) v^T state updates and phi(q) S reads, per token
+        causal_flops = 4.0 * b * d * visible_pairs(s, (None,) * h)
+        progress(f"linear S={s}: ours")
+        results.append(measure("linear", "causal elu", "ours", lambda q, k, v: pk.linear_attention(
+            q, k, v, "elu", True, **ours(interpret))[0], sh, linear_flops, repeats))
+        progress(f"linear S={s}: fla")
+        results.append(fla_linear(sh, linear_flops, repeats))
+        progress(f"linear S={s}: our flash causal")
+        results.append(measure("linear", "flash causal (softmax)", "ours", lambda q, k, v: pk.flash_attention(
+            q, k, v, **ours(interpret)), sh, causal_flops, max(2, repeats // 4)))
+    return results
+
+
+def fla_linear(shape: Shape, flops_forward: float, repeats: int) -> Result:
+    """flash-linear-attention's chunked kernel on the same shapes, elu+1 applied in torch, timed by triton."""
+    result = Result("linear", "causal elu", "fla chunk_linear_attn", shape.seq_len)
+    try:
+        import torch
+        import triton
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError as e:
+        result.note = f"fla not importable: {e}"
+        return result
+    try:
+        dtype = getattr(torch, shape.dtype)
+        make = lambda: torch.randn(shape.batch, shape.seq_len, shape.num_heads, shape.head_dim, device="cuda",
+                                   dtype=dtype, requires_grad=True)
+        q, k, v = make(), make(), make()
+        phi = lambda x: torch.nn.functional.elu(x) + 1
+        fwd = lambda: chunk_linear_attn(phi(q), phi(k), v, scale=1.0, normalize=True)[0]
+        do = torch.randn_like(q)
+
+        def fwd_bwd():
+            fwd().backward(do)
+
+        result.forward_ms = triton.testing.do_bench(fwd, rep=repeats * 20, return_mode="median")
+        result.forward_backward_ms = triton.testing.do_bench(fwd_bwd, rep=repeats * 20, return_mode="median",
+                                                             grad_to_none=[q, k, v])
+        result.forward_tflops = flops_forward / result.forward_ms / 1e9
+        result.forward_backward_tflops = 3.5 * flops_forward / result.forward_backward_ms / 1e9
+        result.note = "torch peak memory n/a"
+    except Exception as e:  # report, don't abort the run
+        result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return result
+
+
 def print_table(results: list[Result]) -> None:
     header = (f"{'suite':<10} {'case':<32} {'impl':<15} {'S':>6} {'fwd ms':>8} {'TF/s':>6} "
               f"{'f+b ms':>8} {'TF/s':>6} {'f+b temp':>10}  note")
@@ -186,7 +241,8 @@ def print_table(results: list[Result]) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m complexity_jax.bench", description=__doc__)
-    p.add_argument("--suites", nargs="+", default=["softmax", "multiscale"], choices=["softmax", "multiscale"])
+    p.add_argument("--suites", nargs="+", default=["softmax", "multiscale"],
+                   choices=["softmax", "multiscale", "linear"])
     p.add_argument("--quick", action="store_true", help="tiny shapes; kernels in interpret mode off-GPU")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None)
     p.add_argument("--window", type=int, default=1024)
@@ -217,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if "multiscale" in args.suites:
         ms_shape = dataclasses.replace(shape, seq_len=seq_lens[0])
         results += multiscale_suite(ms_shape, repeats, interpret, progress)
+    if "linear" in args.suites:
+        linear_lens = args.seq_lens or ([128] if args.quick else [8192, 32768, 131072])
+        results += linear_suite(shape, linear_lens, repeats, interpret, progress)
     print_table(results)
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)

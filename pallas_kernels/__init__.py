@@ -3,6 +3,7 @@
 Layout ``[batch, seq, heads, head_dim]``; keys/values may have fewer heads (GQA).
 """
 
+from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.masks import SparseMask, WindowMask, sparse_mask
 from pallas_kernels.reference import LinearState
@@ -15,6 +16,7 @@ from pallas_kernels.softmax_attention import (
 )
 
 __all__ = [
+    "KernelConfig",
     "LinearState",
     "SparseMask",
     "WindowMask",
