@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import warnings
@@ -69,6 +70,7 @@ class Result:
     forward_tflops: float | None = None
     forward_backward_tflops: float | None = None
     temp_memory_bytes: int | None = None
+    bandwidth_gb_s: float | None = None  # decode: bytes of K/V read per second
     note: str = ""
 
 
@@ -227,6 +229,94 @@ def fla_linear(shape: Shape, flops_forward: float, repeats: int) -> Result:
     return result
 
 
+def sparse_visible_pairs(mask: pk.SparseMask, seq_len: int) -> int:
+    """Visible (query, key) pairs of a causal ``mask`` summed over heads, counted per row from the mask rules."""
+    if not mask.causal:
+        raise ValueError("sparse_visible_pairs counts causal masks only")
+    bs, n_global, n_local = mask.block_size, mask.num_global_tokens, mask.num_local_blocks
+    i = np.arange(seq_len, dtype=np.int64)
+    bi = i // bs
+    band_lo = np.maximum(bi - n_local + 1, 0) * bs
+    per_row = i - band_lo + 1 + np.minimum(n_global, band_lo)  # band, then global columns left of it
+    random = mask.random_blocks(-(-seq_len // bs)).astype(np.int64)[:, bi]  # [heads, S, r]; all left of the band
+    start = random * bs
+    # Each random block adds its keys not already counted as global columns; -1 marks an unused slot.
+    extra = np.where(random >= 0, bs - np.clip(n_global - start, 0, bs), 0).sum(axis=-1)
+    total = per_row[None] + extra
+    return int(np.where(i < n_global, i + 1, total).sum())
+
+
+def sparse_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool, progress) -> list[Result]:
+    """Causal BigBird mask (block 64, 1 global token, 3 local, 3 random blocks) beside our dense causal kernel;
+    TFLOP/s count only the visible pairs of each."""
+    results = []
+    b, d, h = shape.batch, shape.head_dim, shape.num_heads
+    for s in seq_lens:
+        sh = dataclasses.replace(shape, seq_len=s)
+        mask = pk.SparseMask(h, block_size=min(64, s), num_global_tokens=1, num_local_blocks=3, num_random_blocks=3)
+        sparse_flops = 4.0 * b * d * sparse_visible_pairs(mask, s)
+        causal_flops = 4.0 * b * d * visible_pairs(s, (None,) * h)
+        kwargs = dict(block_size=mask.block_size, num_global_tokens=1, num_local_blocks=3, num_random_blocks=3)
+        progress(f"sparse S={s}: block-sparse")
+        results.append(measure("sparse", "bigbird 64/1g/3l/3r", "ours", lambda q, k, v: pk.sparse_attention(
+            q, k, v, **kwargs, **ours(interpret)), sh, sparse_flops, repeats))
+        progress(f"sparse S={s}: dense causal")
+        results.append(measure("sparse", "dense flash causal", "ours", lambda q, k, v: pk.flash_attention(
+            q, k, v, **ours(interpret)), sh, causal_flops, max(2, repeats // 4)))
+    return results
+
+
+def copy_bandwidth(num_bytes: int, repeats: int) -> float:
+    """Bytes per second of an on-device float32 elementwise pass (reads and writes ``num_bytes`` each)."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    ms = median_ms(jax.jit(lambda x: x + 1), x, repeats=repeats, calls=5)
+    return 2 * num_bytes / (ms * 1e-3)
+
+
+def decode_suite(shape: Shape, contexts: list[int], batch: int, window: int, repeats: int, interpret: bool,
+                 progress) -> tuple[list[Result], float]:
+    """One decode step (one query per row, full caches of ``context`` slots) and a windowed step; the peers get
+    ``key_value_seq_lengths``. Returns the results and the copy bandwidth (bytes/s) measured on the largest cache."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
+
+    h, kvh, d, dtype = shape.num_heads, shape.num_kv_heads, shape.head_dim, jnp.dtype(shape.dtype)
+    kv_bytes = lambda ctx: 2 * batch * ctx * kvh * d * dtype.itemsize
+    progress("decode: copy bandwidth")
+    bandwidth = copy_bandwidth(kv_bytes(max(contexts)), repeats)
+    results = []
+    for ctx in contexts:
+        keys = jax.random.split(jax.random.key(ctx), 3)
+        q = jax.random.normal(keys[0], (batch, 1, h, d), dtype)
+        k = jax.random.normal(keys[1], (batch, ctx, kvh, d), dtype)
+        v = jax.random.normal(keys[2], (batch, ctx, kvh, d), dtype)
+        lengths = jnp.full((batch,), ctx, jnp.int32)
+        cases = [
+            ("full context", "ours", kv_bytes(ctx), lambda q, k, v, n: pk.decode_attention(q, k, v, n, **ours(interpret))),
+            (f"window {window}", "ours", kv_bytes(min(window, ctx)), lambda q, k, v, n: pk.decode_attention(
+                q, k, v, n, window_size=window, **ours(interpret))),
+            ("full context", "jax pallas gqa", kv_bytes(ctx), lambda q, k, v, n: jax_decode.gqa(
+                q[:, 0], k, v, kv_seq_len=n, interpret=interpret)),
+        ]
+        for impl in (["cudnn", "xla"] if ON_GPU else ["xla"]):
+            cases.append(("full context", impl, kv_bytes(ctx), functools.partial(_sdpa_decode, implementation=impl)))
+        for case, impl, num_bytes, fn in cases:
+            progress(f"decode context={ctx}: {case} / {impl}")
+            result = Result("decode", case, impl, ctx)
+            try:
+                result.forward_ms = median_ms(jax.jit(fn), q, k, v, lengths, repeats=repeats, calls=20)
+                result.bandwidth_gb_s = num_bytes / result.forward_ms / 1e6
+                result.note = (f"{result.forward_ms * 1e3:.0f} us, {result.bandwidth_gb_s:.0f} GB/s"
+                               f" = {result.bandwidth_gb_s * 1e9 / bandwidth:.0%} of copy")
+            except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+                result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            results.append(result)
+    return results, bandwidth
+
+
+def _sdpa_decode(q, k, v, lengths, *, implementation: str):
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+
+
 def print_table(results: list[Result]) -> None:
     header = (f"{'suite':<10} {'case':<32} {'impl':<15} {'S':>6} {'fwd ms':>8} {'TF/s':>6} "
               f"{'f+b ms':>8} {'TF/s':>6} {'f+b temp':>10}  note")
@@ -242,7 +332,7 @@ def print_table(results: list[Result]) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m complexity_jax.bench", description=__doc__)
     p.add_argument("--suites", nargs="+", default=["softmax", "multiscale"],
-                   choices=["softmax", "multiscale", "linear"])
+                   choices=["softmax", "multiscale", "linear", "sparse", "decode"])
     p.add_argument("--quick", action="store_true", help="tiny shapes; kernels in interpret mode off-GPU")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None)
     p.add_argument("--window", type=int, default=1024)
@@ -276,6 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     if "linear" in args.suites:
         linear_lens = args.seq_lens or ([128] if args.quick else [8192, 32768, 131072])
         results += linear_suite(shape, linear_lens, repeats, interpret, progress)
+    if "sparse" in args.suites:
+        sparse_lens = args.seq_lens or ([256] if args.quick else [4096, 16384, 65536])
+        results += sparse_suite(shape, sparse_lens, repeats, interpret, progress)
+    if "decode" in args.suites:
+        contexts = args.seq_lens or ([256] if args.quick else [4096, 32768, 131072])
+        decode_results, bandwidth = decode_suite(shape, contexts, 2 if args.quick else 8, window, repeats,
+                                                 interpret, progress)
+        results += decode_results
+        meta["copy_bandwidth_gb_s"] = bandwidth / 1e9
+        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (elementwise pass over the largest K+V cache)")
     print_table(results)
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)

@@ -200,6 +200,13 @@ class SlidingWindowAttention(Attention):
 
     def continue_cache(self, cache: RingCache, q, k, v):
         b, t = q.shape[:2]
+        if t == 1:
+            # One new token at position p: after writing it the ring holds exactly the positions p - W + 1 .. p
+            # that it sees, in the first min(p + 1, W) slots, so slot order does not matter (softmax is
+            # permutation-invariant) and the decode kernel attends to the filled slots without a window.
+            cache = cache.append(k, v)
+            filled = jnp.broadcast_to(jnp.minimum(cache.length, cache.window), (b,))
+            return pk.decode_attention(q, cache.keys, cache.values, filled, **self.op_options), cache
         new_pos = cache.length + jnp.arange(t, dtype=jnp.int32)
         keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
         values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)

@@ -10,18 +10,22 @@ from typing import Any
 import jax
 
 
-def median_ms(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 10) -> float:
-    """Median wall time of ``fn(*args)`` in ms, each run closed by ``block_until_ready``.
+def median_ms(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 10, calls: int = 1) -> float:
+    """Median wall time of one ``fn(*args)`` in ms.
 
-    ``fn`` should be jitted; warm-up runs keep compilation out of the numbers.
+    Each sample dispatches ``calls`` runs back to back and closes with ``block_until_ready``, then divides:
+    with ``calls > 1`` the host round trip of the final sync is spread over the runs, which matters for
+    kernels of a few microseconds. ``fn`` should be jitted; warm-up runs keep compilation out of the numbers.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
+        for _ in range(calls - 1):
+            fn(*args)
         jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.perf_counter() - start) * 1e3 / calls)
     return statistics.median(times)
 
 

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import reference
 from pallas_kernels._dispatch import use_pallas
+from pallas_kernels._triton import decode as triton_decode
 from pallas_kernels._triton import softmax as triton_softmax
 from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels._validation import (
@@ -116,18 +117,31 @@ def sparse_attention(
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    kernel_config: KernelConfig | None = None,
 ) -> Float[Array, "b sq h d"]:
-    """BigBird/Longformer block-sparse softmax attention under ``masks.sparse_mask``."""
+    """BigBird/Longformer block-sparse softmax attention under ``masks.sparse_mask``.
+
+    Queries are the last ``q_len <= kv_len`` positions. The Pallas kernel visits only the tiles holding a visible
+    element (static block tables); ``kernel_config`` as in ``flash_attention`` (default: a per-shape table with
+    tiles no larger than ``block_size`` where that is a power of two >= 16).
+    """
     num_heads, _ = check_attention_inputs(q, k, v, causal=causal)
     config = SparseMask(num_heads, block_size, num_global_tokens, num_local_blocks, num_random_blocks,
                         seed, causal)
     check_sparse_config(config)
-    if use_pallas(implementation, "sparse_attention", has_kernel=False):
-        raise AssertionError("unreachable: no Pallas sparse kernel is registered")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(
+            f"sparse_attention needs q_len ({q.shape[1]}) <= kv_len ({k.shape[1]}): queries are the last"
+            " positions of the key sequence"
+        )
+    scale = _default_scale(q, softmax_scale)
+    if use_pallas(implementation, "sparse_attention", has_kernel=True):
+        return triton_softmax.sparse_attention(q, k, v, mask=config, softmax_scale=scale, interpret=interpret,
+                                               config=kernel_config)
     q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
     num_blocks = -(-k.shape[1] // block_size)
     visible = config.visible(q_pos, k_pos, num_blocks)[None]
-    return reference.softmax_attention(q, k, v, visible, _default_scale(q, softmax_scale))
+    return reference.softmax_attention(q, k, v, visible, scale)
 
 
 def attention_at_positions(
@@ -170,20 +184,28 @@ def decode_attention(
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    kernel_config: triton_decode.DecodeConfig | None = None,
 ) -> Float[Array, "b t h d"]:
     """Causal attention of ``t`` new queries against a preallocated cache.
 
     ``lengths[b]`` counts the filled cache slots of row ``b`` *including* the ``t`` new tokens, so query
     ``r`` sits at position ``lengths[b] - t + r`` and sees slots ``j < lengths[b]`` with ``j`` not after
     it (and within ``window_size``: one int/None, or one per query head).
+
+    The Pallas kernel (split-K flash-decoding) is forward only: under ``"auto"`` ``jax.grad`` differentiates
+    the XLA path, under ``"pallas"`` it raises ``NotImplementedError``. ``kernel_config`` overrides its block
+    size, number of key splits and launch settings (default: a heuristic).
     """
     num_heads, _ = check_attention_inputs(q, k_cache, v_cache, causal=False)
     lengths = jnp.asarray(lengths)
     if lengths.shape != (q.shape[0],):
         raise ValueError(f"lengths must have shape [batch] = ({q.shape[0]},), got {lengths.shape}")
     windows = _per_head_windows("window_size", window_size, num_heads)
-    if use_pallas(implementation, "decode_attention", has_kernel=False):
-        raise AssertionError("unreachable: no Pallas decode kernel is registered")
+    if use_pallas(implementation, "decode_attention", has_kernel=True):
+        return triton_decode.decode_attention(
+            q, k_cache, v_cache, lengths, windows=windows, softmax_scale=_default_scale(q, softmax_scale),
+            interpret=interpret, config=kernel_config, xla_backward=implementation == "auto",
+        )
     q_pos, k_pos = reference.cache_positions(lengths, q.shape[1], k_cache.shape[1])
     return attention_at_positions(
         q, k_cache, v_cache, q_pos, k_pos, WindowMask(windows, causal=True),

@@ -2,12 +2,17 @@
 
 Layout: ``q`` is ``[batch, q_len, heads, head_dim]``, ``k``/``v`` are ``[batch, kv_len, kv_heads, head_dim]`` with
 ``heads = kv_heads * group``; query head ``h`` reads KV head ``h // group``. Query row ``r`` sits at absolute position
-``i = r + kv_len - q_len`` and sees key ``j`` iff ``0 <= i - j < W_h`` (causal) or ``|i - j| < W_h`` (non-causal),
-where ``W_h = windows[h]`` (``None`` = unlimited).
+``i = r + kv_len - q_len``. Two masks share the kernels:
+
+- windows (``softmax_attention``): ``i`` sees key ``j`` iff ``0 <= i - j < W_h`` (causal) or ``|i - j| < W_h``
+  (non-causal), where ``W_h = windows[h]`` (``None`` = unlimited);
+- block-sparse (``sparse_attention``): the BigBird rules of ``masks.SparseMask``.
 
 Every kernel loops only over the blocks its mask can see, in two phases: blocks that are entirely visible run
-without an element mask, the partial ones (diagonal, window edges, ragged tails) apply ``_visible``. A sliding
-window therefore costs O(S * W) in the forward and in both backward kernels.
+without an element mask, the partial ones (diagonal, window edges, global rows/columns, ragged tails) apply it.
+Windows give contiguous block ranges (``_BlockRange``, computed in the kernel); sparse masks give rows of the static
+block tables of ``block_tables.py`` (``_TableRow``). A sliding window therefore costs O(S * W) and a sparse mask
+O(visible blocks) in the forward and in both backward kernels.
 
 The log-sum-exp residual is kept in base 2 (``lse = log2(sum(exp2(s)))`` with ``s = scale * log2(e) * q.k``).
 """
@@ -22,13 +27,19 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
+
+from pallas_kernels.block_tables import band, block_tables
+from pallas_kernels.masks import SparseMask
 
 from .compiler import compiler_params, pl, plgpu
 
 # Stands in for an unlimited window; large enough for any sequence, small enough that ``pos +- window`` fits int32.
 _NO_WINDOW = 2**30
+# Start of an unused random key block: no key position is in ``[_NO_KEY, _NO_KEY + block_size)``.
+_NO_KEY = -(2**30)
 # Triton's ``tl.dot`` needs every operand dimension to be at least 16.
 _MIN_BLOCK = 16
 
@@ -103,14 +114,9 @@ def softmax_attention(
     ``windows[h]`` is the window of query head ``h`` (``None`` = unlimited); ``config=None`` picks
     ``default_config``. Differentiable (custom VJP) and usable under ``jit``/``vmap``.
     """
-    batch, q_len, heads, head_dim = q.shape
-    _, kv_len, kv_heads, _ = k.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if heads % kv_heads:
-        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+    _check_shapes(q, k, v)
+    _, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
     windows = tuple(windows)
     if len(windows) != heads or any(w is not None and w < 1 for w in windows):
         raise ValueError(f"need one window >= 1 (or None) per query head, got {windows} for {heads} heads")
@@ -118,11 +124,64 @@ def softmax_attention(
         raise ValueError(f"causal attention needs q_len <= kv_len, got {q_len} > {kv_len}")
     if config is None:
         config = default_config(q_len, kv_len, head_dim, q.dtype)
-    return _attention(q, k, v, windows, bool(causal), float(softmax_scale), bool(interpret), config)
+    return _attention(q, k, v, _Windows(windows, bool(causal)), float(softmax_scale), bool(interpret), config)
+
+
+def sparse_attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
+    *,
+    mask: SparseMask,
+    softmax_scale: float,
+    interpret: bool = False,
+    config: KernelConfig | None = None,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """Block-sparse softmax attention with GQA under ``mask`` (as ``masks.sparse_mask``); output in ``q.dtype``.
+
+    Queries are the last ``q_len <= kv_len`` positions. ``config=None`` picks ``default_config`` with tiles no
+    larger than ``mask.block_size`` where that is a power of two >= 16, so tiles do not straddle mask blocks.
+    Differentiable (custom VJP) and usable under ``jit``/``vmap``.
+    """
+    _check_shapes(q, k, v)
+    _, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    if mask.num_heads != heads:
+        raise ValueError(f"mask.num_heads={mask.num_heads} must equal the number of query heads {heads}")
+    if q_len > kv_len:
+        raise ValueError(f"sparse attention needs q_len <= kv_len, got {q_len} > {kv_len}")
+    if config is None:
+        config = default_config(q_len, kv_len, head_dim, q.dtype)
+        bs = mask.block_size
+        if bs >= _MIN_BLOCK and bs & (bs - 1) == 0:
+            # Measured on an H200 at S=16384, block 64, d128 bf16 (BENCHMARKS.md): 64x64 forward tiles run 1.5x
+            # faster with 4 warps than 8, and the backward prefers 32-key tiles.
+            block_q = min(config.block_q, bs)
+            config = dataclasses.replace(
+                config,
+                block_q=block_q,
+                block_k=min(config.block_k, bs),
+                block_q_bwd=min(config.block_q_bwd, bs),
+                block_k_bwd=min(config.block_k_bwd, bs, 32),
+                num_warps=min(config.num_warps, 4) if block_q <= 64 else config.num_warps,
+            )
+    return _attention(q, k, v, _Sparse(mask), float(softmax_scale), bool(interpret), config)
+
+
+def _check_shapes(q: Array, k: Array, v: Array) -> None:
+    batch, _, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Shared pieces: static shape info, element mask, block ranges, tile loads/stores, the two-phase loop.
+# Shared pieces: static shape info, window element mask, block ranges and table rows, the two-phase loop,
+# tile loads/stores.
 
 
 class _Static(NamedTuple):
@@ -149,6 +208,14 @@ class _Static(NamedTuple):
         return self.softmax_scale * math.log2(math.e)
 
 
+class _Phase(NamedTuple):
+    """Loop counters ``[start, stop)`` and the block each one visits."""
+
+    start: Int[Array, ""]
+    stop: Int[Array, ""]
+    block: Callable[[Int[Array, ""]], Int[Array, ""]]
+
+
 class _BlockRange(NamedTuple):
     """Blocks ``[lo, hi)`` contain every visible element; blocks ``[full_lo, full_hi)`` are entirely visible."""
 
@@ -156,6 +223,31 @@ class _BlockRange(NamedTuple):
     full_lo: Int[Array, ""]
     full_hi: Int[Array, ""]
     hi: Int[Array, ""]
+
+    def phases(self) -> tuple[_Phase, _Phase]:
+        """The full blocks, then the partial ones on both sides of them."""
+        n_before = self.full_lo - self.lo
+        return (
+            _Phase(self.full_lo, self.full_hi, lambda t: t),
+            _Phase(
+                0,
+                n_before + self.hi - self.full_hi,
+                lambda t: jnp.where(t < n_before, self.lo + t, self.full_hi + (t - n_before)),
+            ),
+        )
+
+
+class _TableRow(NamedTuple):
+    """Entries ``[start, full_end)`` of ``blocks_ref`` are entirely visible blocks, ``[full_end, end)`` partial ones."""
+
+    blocks_ref: Any
+    start: Int[Array, ""]
+    full_end: Int[Array, ""]
+    end: Int[Array, ""]
+
+    def phases(self) -> tuple[_Phase, _Phase]:
+        block = lambda t: self.blocks_ref[t]
+        return _Phase(self.start, self.full_end, block), _Phase(self.full_end, self.end, block)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -205,16 +297,11 @@ def _q_block_range(k_first, k_last, window, st: _Static, block_q: int) -> _Block
     return _block_range(k_first + d_min + r, k_last + d_max + r, k_last + d_min + r, k_first + d_max + r, st.q_len, block_q)
 
 
-def _two_phase_loop(blocks: _BlockRange, step: Callable[..., Any], carry: Any) -> Any:
+def _two_phase_loop(blocks: _BlockRange | _TableRow, step: Callable[..., Any], carry: Any) -> Any:
     """Runs ``step(block, carry, masked=...)`` over ``blocks``: unmasked over the full ones, masked over the rest."""
-    carry = lax.fori_loop(blocks.full_lo, blocks.full_hi, functools.partial(step, masked=False), carry)
-    n_before = blocks.full_lo - blocks.lo
-
-    def masked_step(t, carry):
-        block = jnp.where(t < n_before, blocks.lo + t, blocks.full_hi + (t - n_before))
-        return step(block, carry, masked=True)
-
-    return lax.fori_loop(0, n_before + blocks.hi - blocks.full_hi, masked_step, carry)
+    full, partial = blocks.phases()
+    carry = lax.fori_loop(full.start, full.stop, lambda t, c: step(full.block(t), c, masked=False), carry)
+    return lax.fori_loop(partial.start, partial.stop, lambda t, c: step(partial.block(t), c, masked=True), carry)
 
 
 def _row_mask(start, size: int, length: int) -> Bool[Array, " size"] | None:
@@ -251,14 +338,184 @@ def _load_rows(ref, row_ok, other: float) -> Array:
     return plgpu.load(ref, mask=row_ok, other=other)
 
 
+def _whole_specs(arrays: tuple[Array, ...]) -> tuple[pl.BlockSpec, ...]:
+    """Each array as a single block of a 3-D grid, its block shape rounded up to powers of two."""
+
+    def spec(x: Array) -> pl.BlockSpec:
+        return pl.BlockSpec(tuple(pl.next_power_of_2(n) for n in x.shape), lambda i, b, h: (0,) * x.ndim)
+
+    return tuple(spec(x) for x in arrays)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masks. A static mask (``_Windows`` or ``_Sparse``, a jit static argument) names the arrays its kernels read
+# (``inputs``, passed whole) and, inside a kernel, gives per query head (``head``) the blocks a program loops over
+# and the element mask of a query tile's partial blocks. ``by_key`` selects the dK/dV orientation: the program owns
+# a key block and loops over query blocks.
+
+
+def _per_query(x: Array, keys_first: bool) -> Array:
+    """A per-query vector shaped to broadcast over a ``[queries, keys]`` tile, or ``[keys, queries]``."""
+    return x[None, :] if keys_first else x[:, None]
+
+
+def _per_key(x: Array, keys_first: bool) -> Array:
+    return x[:, None] if keys_first else x[None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Windows:
+    """Per-head windows (``None`` = unlimited), causal or not."""
+
+    windows: tuple[int | None, ...]
+    causal: bool
+
+    def inputs(self, st: _Static, block_q: int, block_k: int, by_key: bool) -> tuple[Array, ...]:
+        return (_window_array(self.windows),)
+
+    def head(self, refs: tuple[Any, ...], h: Int[Array, ""], st: _Static) -> _WindowHead:
+        (w_ref,) = refs
+        return _WindowHead(w_ref[h], st)
+
+
+class _WindowHead(NamedTuple):
+    """The window of one query head, inside a kernel."""
+
+    window: Int[Array, ""]
+    st: _Static
+
+    def blocks(self, tile, block_q: int, block_k: int, *, by_key: bool) -> _BlockRange:
+        """Query blocks that see key block ``tile`` if ``by_key``, else key blocks seen by query block ``tile``."""
+        st = self.st
+        if by_key:
+            j0 = tile * block_k
+            return _q_block_range(j0, jnp.minimum(j0 + block_k, st.kv_len) - 1, self.window, st, block_q)
+        r0 = tile * block_q
+        r_last = jnp.minimum(r0 + block_q, st.q_len) - 1
+        return _kv_block_range(r0 + st.offset, r_last + st.offset, self.window, st, block_k)
+
+    def rows(self, r0, block_q: int) -> _WindowRows:
+        """The element mask of query rows ``[r0, r0 + block_q)``."""
+        return _WindowRows(r0 + self.st.offset + jnp.arange(block_q), self.window, self.st)
+
+
+class _WindowRows(NamedTuple):
+    q_pos: Int[Array, " block_q"]
+    window: Int[Array, ""]
+    st: _Static
+
+    def visible(self, k_pos: Int[Array, " block_k"], keys_first: bool) -> Bool[Array, "..."]:
+        """``[block_q, block_k]``, or ``[block_k, block_q]`` if ``keys_first``."""
+        q_pos, k_pos = _per_query(self.q_pos, keys_first), _per_key(k_pos, keys_first)
+        return _visible(q_pos, k_pos, self.window, self.st.causal, self.st.kv_len)
+
+
+def _window_array(windows: tuple[int | None, ...]) -> Int[Array, " heads_padded"]:
+    """Per-head windows as int32, padded to a power-of-two length (block shapes must be powers of two)."""
+    values = [_NO_WINDOW if w is None else min(w, _NO_WINDOW) for w in windows]
+    values += [_NO_WINDOW] * (pl.next_power_of_2(len(values)) - len(values))
+    return jnp.asarray(values, jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sparse:
+    """A ``SparseMask``: its block tables drive the loops, its rules the element mask."""
+
+    sparse: SparseMask
+
+    @property
+    def causal(self) -> bool:
+        return self.sparse.causal
+
+    def inputs(self, st: _Static, block_q: int, block_k: int, by_key: bool) -> tuple[Array, ...]:
+        """The table's ``bounds`` and ``blocks`` (rows are key blocks if ``by_key``), then ``_random_key_starts``
+        if the mask has random blocks."""
+        tables = block_tables(self.sparse, st.q_len, st.kv_len, block_q, block_k)
+        table = tables.by_key if by_key else tables.by_query
+        arrays = (jnp.asarray(table.bounds), jnp.asarray(table.blocks))
+        if self.sparse.num_random_blocks:
+            arrays += (_random_key_starts(self.sparse, st, block_q),)
+        return arrays
+
+    def head(self, refs: tuple[Any, ...], h: Int[Array, ""], st: _Static) -> _SparseHead:
+        return _SparseHead(self.sparse, refs, h, st)
+
+
+def _random_key_starts(sparse: SparseMask, st: _Static, block_q: int) -> Int[Array, "heads_x_slots rows"]:
+    """First key position of each random block of each query row; row ``h * r + slot`` holds slot ``slot`` of head
+    ``h``, unused slots ``_NO_KEY``.
+
+    Query rows are padded to whole query blocks (the padding repeats the last row). Expanded from the small
+    ``[heads, blocks, r]`` table on the device, so that only the small table is a constant.
+    """
+    bs = sparse.block_size
+    table = sparse.random_blocks(pl.cdiv(st.kv_len, bs))
+    starts = np.where(table >= 0, table * bs, _NO_KEY).transpose(0, 2, 1).reshape(-1, table.shape[1])
+    q_pos = jnp.minimum(jnp.arange(pl.cdiv(st.q_len, block_q) * block_q) + st.offset, st.kv_len - 1)
+    return jnp.take(jnp.asarray(starts, jnp.int32), q_pos // bs, axis=1)
+
+
+class _SparseHead(NamedTuple):
+    """The sparse mask of one query head, inside a kernel; ``refs`` are the arrays of ``_Sparse.inputs``."""
+
+    sparse: SparseMask
+    refs: tuple[Any, ...]
+    h: Int[Array, ""]
+    st: _Static
+
+    def blocks(self, tile, block_q: int, block_k: int, *, by_key: bool) -> _TableRow:
+        """Row ``tile`` of the table (``_Sparse.inputs`` passed the one of this orientation)."""
+        bounds_ref, blocks_ref = self.refs[:2]
+        h = self.h
+        return _TableRow(blocks_ref, bounds_ref[h, tile, 0], bounds_ref[h, tile, 1], bounds_ref[h, tile, 2])
+
+    def rows(self, r0, block_q: int) -> _SparseRows:
+        """The element mask of query rows ``[r0, r0 + block_q)``."""
+        sparse, r = self.sparse, self.sparse.num_random_blocks
+        q_pos = r0 + self.st.offset + jnp.arange(block_q)
+        q_block = lax.div(q_pos, sparse.block_size)
+        before, after = band(sparse)
+        rows = pl.ds(r0, block_q)
+        random = tuple(plgpu.load(self.refs[2].at[self.h * r + slot, rows]) for slot in range(r))
+        band_lo, band_hi = (q_block - before) * sparse.block_size, (q_block + after + 1) * sparse.block_size
+        return _SparseRows(q_pos, band_lo, band_hi, random, sparse, self.st)
+
+
+class _SparseRows(NamedTuple):
+    """Per query row: the key positions ``[band_lo, band_hi)`` of its local band and the starts of its random blocks."""
+
+    q_pos: Int[Array, " block_q"]
+    band_lo: Int[Array, " block_q"]
+    band_hi: Int[Array, " block_q"]
+    random: tuple[Int[Array, " block_q"], ...]
+    sparse: SparseMask
+    st: _Static
+
+    def visible(self, k_pos: Int[Array, " block_k"], keys_first: bool) -> Bool[Array, "..."]:
+        """``SparseMask.visible`` of these rows: ``[block_q, block_k]``, or ``[block_k, block_q]`` if ``keys_first``."""
+        rows = functools.partial(_per_query, keys_first=keys_first)
+        j, bs, n_global = _per_key(k_pos, keys_first), self.sparse.block_size, self.sparse.num_global_tokens
+        seen = (j >= rows(self.band_lo)) & (j < rows(self.band_hi))
+        if n_global:
+            seen |= (j < n_global) | (rows(self.q_pos) < n_global)
+        for start in self.random:
+            seen |= (j >= rows(start)) & (j < rows(start) + bs)
+        if self.sparse.causal:
+            seen &= j <= rows(self.q_pos)
+        return seen & (j < self.st.kv_len)
+
+
+_Mask = _Windows | _Sparse
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Forward.
 
 
 def _fwd_kv_block(
-    kb, carry, *, masked: bool, q, q_pos, k_ref, v_ref, window, st: _Static, block_k: int
+    kb, carry, *, masked: bool, q, q_rows, k_ref, v_ref, st: _Static, block_k: int
 ) -> tuple[Array, Array, Array]:
-    """One online-softmax step over key block ``kb``; ``masked`` applies the element mask (partial blocks)."""
+    """One online-softmax step over key block ``kb``; ``masked`` applies ``q_rows``' element mask (partial blocks)."""
     acc, m, l = carry
     k_pos = kb * block_k + jnp.arange(block_k)
     k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
@@ -267,7 +524,7 @@ def _fwd_kv_block(
     v = _load_tile(v_ref.at[rows, :], k_ok, st)
     s = plgpu.dot(q, k, trans_b=True) * st.qk_scale
     if masked:
-        s = jnp.where(_visible(q_pos[:, None], k_pos[None, :], window, st.causal, st.kv_len), s, -jnp.inf)
+        s = jnp.where(q_rows.visible(k_pos, keys_first=False), s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0 rather than NaN.
     m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -278,16 +535,15 @@ def _fwd_kv_block(
     return acc, m_new, l
 
 
-def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, block_q: int, block_k: int):
+def _fwd_kernel(
+    mask_refs, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: _Mask, st: _Static, block_q: int, block_k: int
+):
     """Grid ``(q_blocks, batch, heads)``: one query block of one head against its visible key blocks."""
     qb, h = pl.program_id(0), pl.program_id(2)
-    window = w_ref[h]
+    head = mask.head(mask_refs, h, st)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
     q = _load_tile(q_ref, row_ok, st)
-    q_pos = r0 + st.offset + jnp.arange(block_q)
-    r_last = jnp.minimum(r0 + block_q, st.q_len) - 1
-    blocks = _kv_block_range(r0 + st.offset, r_last + st.offset, window, st, block_k)
 
     carry = (
         jnp.zeros((block_q, st.head_dim_padded), jnp.float32),
@@ -295,21 +551,14 @@ def _fwd_kernel(w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, bloc
         jnp.zeros((block_q,), jnp.float32),
     )
     step = functools.partial(
-        _fwd_kv_block, q=q, q_pos=q_pos, k_ref=k_ref, v_ref=v_ref, window=window, st=st, block_k=block_k
+        _fwd_kv_block, q=q, q_rows=head.rows(r0, block_q), k_ref=k_ref, v_ref=v_ref, st=st, block_k=block_k
     )
-    acc, m, l = _two_phase_loop(blocks, step, carry)
+    acc, m, l = _two_phase_loop(head.blocks(qb, block_q, block_k, by_key=False), step, carry)
 
     empty = l == 0.0
     _store_tile(o_ref, acc / jnp.where(empty, 1.0, l)[:, None], row_ok, st)
     # +inf makes the backward's exp2(s - lse) vanish on rows that saw no key.
     plgpu.store(lse_ref, jnp.where(empty, jnp.inf, m + jnp.log2(l)), mask=row_ok)
-
-
-def _window_array(windows: tuple[int | None, ...]) -> Int[Array, " heads_padded"]:
-    """Per-head windows as int32, padded to a power-of-two length (block shapes must be powers of two)."""
-    values = [_NO_WINDOW if w is None else min(w, _NO_WINDOW) for w in windows]
-    values += [_NO_WINDOW] * (pl.next_power_of_2(len(values)) - len(values))
-    return jnp.asarray(values, jnp.int32)
 
 
 def _static(q: Array, k: Array, causal: bool, softmax_scale: float) -> _Static:
@@ -320,13 +569,12 @@ def _kv_head(h, group: int):
     return h if group == 1 else lax.div(h, group)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _forward(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],
     v: Float[Array, "batch kv_len kv_heads head_dim"],
-    windows: tuple[int | None, ...],
-    causal: bool,
+    mask: _Mask,
     softmax_scale: float,
     interpret: bool,
     config: KernelConfig,
@@ -334,22 +582,22 @@ def _forward(
     """Output and base-2 log-sum-exp ``[batch, heads, q_len]``."""
     batch, q_len, heads, _ = q.shape
     kv_len, group = k.shape[1], heads // k.shape[2]
-    st = _static(q, k, causal, softmax_scale)
+    st = _static(q, k, mask.causal, softmax_scale)
     bq, dp = config.block_q, st.head_dim_padded
-    w = _window_array(windows)
+    mask_inputs = mask.inputs(st, bq, config.block_k, by_key=False)
 
     q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0))
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st, block_q=bq, block_k=config.block_k),
+        functools.partial(_fwd_kernel, mask=mask, st=st, block_q=bq, block_k=config.block_k),
         grid=(pl.cdiv(q_len, bq), batch, heads),
-        in_specs=[pl.BlockSpec(w.shape, lambda i, b, h: (0,)), q_spec, kv_spec, kv_spec],
+        in_specs=[_whole_specs(mask_inputs), q_spec, kv_spec, kv_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="softmax_attention_fwd",
-    )(w, q, k, v)
+    )(mask_inputs, q, k, v)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -364,7 +612,7 @@ def _delta_kernel(o_ref, do_ref, delta_ref, *, st: _Static, block_q: int):
 
 
 def _dq_kv_block(
-    kb, dq, *, masked: bool, q, do, lse, delta, q_pos, k_ref, v_ref, window, st: _Static, block_k: int
+    kb, dq, *, masked: bool, q, do, lse, delta, q_rows, k_ref, v_ref, st: _Static, block_k: int
 ) -> Array:
     """Adds key block ``kb``'s contribution ``dS @ K`` (without the softmax scale) to ``dq``."""
     k_pos = kb * block_k + jnp.arange(block_k)
@@ -374,26 +622,37 @@ def _dq_kv_block(
     v = _load_tile(v_ref.at[rows, :], k_ok, st)
     s = plgpu.dot(q, k, trans_b=True) * st.qk_scale
     if masked:
-        s = jnp.where(_visible(q_pos[:, None], k_pos[None, :], window, st.causal, st.kv_len), s, -jnp.inf)
+        s = jnp.where(q_rows.visible(k_pos, keys_first=False), s, -jnp.inf)
     p = jnp.exp2(s - lse[:, None])
     ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
 
 def _dq_kernel(
-    w_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, block_q: int, block_k: int
+    mask_refs,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    mask: _Mask,
+    st: _Static,
+    block_q: int,
+    block_k: int,
 ):
     """Grid ``(q_blocks, batch, heads)``: dQ of one query block, looping over its visible key blocks."""
     qb, h = pl.program_id(0), pl.program_id(2)
-    window = w_ref[h]
+    head = mask.head(mask_refs, h, st)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
     q = _load_tile(q_ref, row_ok, st)
     do = _load_tile(do_ref, row_ok, st)
     lse = _load_rows(lse_ref, row_ok, jnp.inf)
     delta = _load_rows(delta_ref, row_ok, 0.0)
-    r_last = jnp.minimum(r0 + block_q, st.q_len) - 1
-    blocks = _kv_block_range(r0 + st.offset, r_last + st.offset, window, st, block_k)
+    blocks = head.blocks(qb, block_q, block_k, by_key=False)
 
     step = functools.partial(
         _dq_kv_block,
@@ -401,10 +660,9 @@ def _dq_kernel(
         do=do,
         lse=lse,
         delta=delta,
-        q_pos=r0 + st.offset + jnp.arange(block_q),
+        q_rows=head.rows(r0, block_q),
         k_ref=k_ref,
         v_ref=v_ref,
-        window=window,
         st=st,
         block_k=block_k,
     )
@@ -413,7 +671,7 @@ def _dq_kernel(
 
 
 def _dkdv_q_block(
-    qb, carry, *, masked: bool, h, k, v, k_pos, q_ref, do_ref, lse_ref, delta_ref, window, st: _Static, block_q: int
+    qb, carry, *, masked: bool, h, head, k, v, k_pos, q_ref, do_ref, lse_ref, delta_ref, st: _Static, block_q: int
 ) -> tuple[Array, Array]:
     """Adds query block ``qb`` of head ``h`` to ``(dk, dv)``; scores are kept transposed, ``[keys, queries]``."""
     dk, dv = carry
@@ -426,8 +684,7 @@ def _dkdv_q_block(
     delta = _load_rows(delta_ref.at[h, rows], row_ok, 0.0)
     s_t = plgpu.dot(k, q, trans_b=True) * st.qk_scale
     if masked:
-        q_pos = r0 + st.offset + jnp.arange(block_q)
-        s_t = jnp.where(_visible(q_pos[None, :], k_pos[:, None], window, st.causal, st.kv_len), s_t, -jnp.inf)
+        s_t = jnp.where(head.rows(r0, block_q).visible(k_pos, keys_first=True), s_t, -jnp.inf)
     p_t = jnp.exp2(s_t - lse[None, :])
     dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
     ds_t = p_t * (plgpu.dot(v, do, trans_b=True) - delta[None, :])
@@ -436,7 +693,7 @@ def _dkdv_q_block(
 
 
 def _dkdv_kernel(
-    w_ref,
+    mask_refs,
     q_ref,
     k_ref,
     v_ref,
@@ -446,6 +703,7 @@ def _dkdv_kernel(
     dk_ref,
     dv_ref,
     *,
+    mask: _Mask,
     st: _Static,
     group: int,
     block_q: int,
@@ -461,14 +719,14 @@ def _dkdv_kernel(
     k = _load_tile(k_ref, k_ok, st)
     v = _load_tile(v_ref, k_ok, st)
     k_pos = j0 + jnp.arange(block_k)
-    j_last = jnp.minimum(j0 + block_k, st.kv_len) - 1
 
-    def head(t, carry):
+    def head_step(t, carry):
         h = g * group + t
-        window = w_ref[h]
+        head = mask.head(mask_refs, h, st)
         step = functools.partial(
             _dkdv_q_block,
             h=h,
+            head=head,
             k=k,
             v=v,
             k_pos=k_pos,
@@ -476,22 +734,20 @@ def _dkdv_kernel(
             do_ref=do_ref,
             lse_ref=lse_ref,
             delta_ref=delta_ref,
-            window=window,
             st=st,
             block_q=block_q,
         )
-        return _two_phase_loop(_q_block_range(j0, j_last, window, st, block_q), step, carry)
+        return _two_phase_loop(head.blocks(kb, block_q, block_k, by_key=True), step, carry)
 
     zeros = jnp.zeros((block_k, st.head_dim_padded), jnp.float32)
-    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
     _store_tile(dk_ref, dk * st.softmax_scale, k_ok, st)
     _store_tile(dv_ref, dv, k_ok, st)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _backward(
-    windows: tuple[int | None, ...],
-    causal: bool,
+    mask: _Mask,
     softmax_scale: float,
     interpret: bool,
     config: KernelConfig,
@@ -502,11 +758,9 @@ def _backward(
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    st = _static(q, k, causal, softmax_scale)
+    st = _static(q, k, mask.causal, softmax_scale)
     bq, bk, dp = config.block_q_bwd, config.block_k_bwd, st.head_dim_padded
     params = compiler_params(config.num_warps_bwd, config.num_stages_bwd)
-    w = _window_array(windows)
-    w_spec = pl.BlockSpec(w.shape, lambda i, b, h: (0,))
     q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     q_grid = (pl.cdiv(q_len, bq), batch, heads)
@@ -525,31 +779,33 @@ def _backward(
     kv_all_spec = pl.BlockSpec(
         (None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0)
     )
+    dq_mask_inputs = mask.inputs(st, bq, bk, by_key=False)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, block_q=bq, block_k=bk),
+        functools.partial(_dq_kernel, mask=mask, st=st, block_q=bq, block_k=bk),
         grid=q_grid,
-        in_specs=[w_spec, q_spec, kv_all_spec, kv_all_spec, q_spec, row_spec, row_spec],
+        in_specs=[_whole_specs(dq_mask_inputs), q_spec, kv_all_spec, kv_all_spec, q_spec, row_spec, row_spec],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         interpret=interpret,
         name="softmax_attention_bwd_dq",
-    )(w, q, k, v, do, lse, delta)
+    )(dq_mask_inputs, q, k, v, do, lse, delta)
 
     q_len_p2, heads_p2 = pl.next_power_of_2(q_len), pl.next_power_of_2(heads)
     q_all_spec = pl.BlockSpec((None, q_len_p2, heads_p2, dp), lambda j, b, g: (b, 0, 0, 0))
     row_all_spec = pl.BlockSpec((None, heads_p2, q_len_p2), lambda j, b, g: (b, 0, 0))
     kv_spec = pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, j, g, 0))
+    dkdv_mask_inputs = mask.inputs(st, bq, bk, by_key=True)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, st=st, group=group, block_q=bq, block_k=bk),
+        functools.partial(_dkdv_kernel, mask=mask, st=st, group=group, block_q=bq, block_k=bk),
         grid=(pl.cdiv(kv_len, bk), batch, kv_heads),
-        in_specs=[w_spec, q_all_spec, kv_spec, kv_spec, q_all_spec, row_all_spec, row_all_spec],
+        in_specs=[_whole_specs(dkdv_mask_inputs), q_all_spec, kv_spec, kv_spec, q_all_spec, row_all_spec, row_all_spec],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
         interpret=interpret,
         name="softmax_attention_bwd_dkdv",
-    )(w, q, k, v, do, lse, delta)
+    )(dkdv_mask_inputs, q, k, v, do, lse, delta)
     return dq, dk, dv
 
 
@@ -557,17 +813,17 @@ def _backward(
 # custom_vjp glue: only O(S) residuals (q, k, v, out, lse) are saved.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _attention(q, k, v, windows, causal, softmax_scale, interpret, config):
-    return _forward(q, k, v, windows, causal, softmax_scale, interpret, config)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, mask, softmax_scale, interpret, config):
+    return _forward(q, k, v, mask, softmax_scale, interpret, config)[0]
 
 
-def _attention_fwd(q, k, v, windows, causal, softmax_scale, interpret, config):
-    out, lse = _forward(q, k, v, windows, causal, softmax_scale, interpret, config)
+def _attention_fwd(q, k, v, mask, softmax_scale, interpret, config):
+    out, lse = _forward(q, k, v, mask, softmax_scale, interpret, config)
     return out, (q, k, v, out, lse)
 
 
 _attention.defvjp(_attention_fwd, _backward)
 
 
-__all__ = ["KernelConfig", "default_config", "softmax_attention"]
+__all__ = ["KernelConfig", "default_config", "softmax_attention", "sparse_attention"]
