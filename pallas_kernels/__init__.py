@@ -3,6 +3,7 @@
 Layout ``[batch, seq, heads, head_dim]``; keys/values may have fewer heads (GQA).
 """
 
+from pallas_kernels._triton.decode import DecodeConfig
 from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.masks import SparseMask, WindowMask, sparse_mask
@@ -16,6 +17,7 @@ from pallas_kernels.softmax_attention import (
 )
 
 __all__ = [
+    "DecodeConfig",
     "KernelConfig",
     "LinearState",
     "SparseMask",

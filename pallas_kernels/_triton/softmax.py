@@ -80,14 +80,24 @@ _CONFIG_TABLE: tuple[tuple[int, int, KernelConfig], ...] = (
 )
 
 
-def default_config(q_len: int, kv_len: int, head_dim: int, dtype: Any) -> KernelConfig:
-    """Heuristic config for one shape: a row of ``_CONFIG_TABLE``, blocks shrunk to fit short sequences."""
+# (head_dim, itemsize) -> forward block_k where no head has a window: long unmasked rows amortise bigger key tiles.
+# Measured on an H200 at S=8192, d128 bf16: 128x128 forward +4% causal, but -13% with W=1024 (BENCHMARKS.md).
+_UNLIMITED_FWD_BLOCK_K = {(128, 2): 128}
+
+
+def default_config(q_len: int, kv_len: int, head_dim: int, dtype: Any, unlimited: bool = False) -> KernelConfig:
+    """Heuristic config for one shape: a row of ``_CONFIG_TABLE``, blocks shrunk to fit short sequences.
+
+    ``unlimited``: no head has a window (plain causal or full attention).
+    """
     itemsize = jnp.dtype(dtype).itemsize
     head_dim_padded = _pow2_at_least(head_dim)
     config = next(
         (c for max_d, max_size, c in _CONFIG_TABLE if head_dim_padded <= max_d and itemsize <= max_size),
         _CONFIG_TABLE[-1][2],
     )
+    if unlimited and (head_dim_padded, itemsize) in _UNLIMITED_FWD_BLOCK_K:
+        config = dataclasses.replace(config, block_k=_UNLIMITED_FWD_BLOCK_K[head_dim_padded, itemsize])
     q_cap, kv_cap = _pow2_at_least(q_len), _pow2_at_least(kv_len)
     return dataclasses.replace(
         config,
@@ -123,7 +133,7 @@ def softmax_attention(
     if causal and q_len > kv_len:
         raise ValueError(f"causal attention needs q_len <= kv_len, got {q_len} > {kv_len}")
     if config is None:
-        config = default_config(q_len, kv_len, head_dim, q.dtype)
+        config = default_config(q_len, kv_len, head_dim, q.dtype, unlimited=all(w is None for w in windows))
     return _attention(q, k, v, _Windows(windows, bool(causal)), float(softmax_scale), bool(interpret), config)
 
 
@@ -512,11 +522,11 @@ _Mask = _Windows | _Sparse
 # Forward.
 
 
-def _fwd_kv_block(
-    kb, carry, *, masked: bool, q, q_rows, k_ref, v_ref, st: _Static, block_k: int
+def _kv_block_scores(
+    kb, *, masked: bool, q, q_rows, k_ref, v_ref, st: _Static, block_k: int
 ) -> tuple[Array, Array, Array]:
-    """One online-softmax step over key block ``kb``; ``masked`` applies ``q_rows``' element mask (partial blocks)."""
-    acc, m, l = carry
+    """Key block ``kb``'s K and V tiles and the base-2 scores ``[block_q, block_k]`` of the query tile ``q``
+    against it; ``masked`` (partial blocks) sets invisible ones, under ``q_rows``' element mask, to ``-inf``."""
     k_pos = kb * block_k + jnp.arange(block_k)
     k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
     rows = pl.ds(kb * block_k, block_k)
@@ -525,6 +535,13 @@ def _fwd_kv_block(
     s = plgpu.dot(q, k, trans_b=True) * st.qk_scale
     if masked:
         s = jnp.where(q_rows.visible(k_pos, keys_first=False), s, -jnp.inf)
+    return k, v, s
+
+
+def _fwd_kv_block(kb, carry, *, masked: bool, **tiles) -> tuple[Array, Array, Array]:
+    """One online-softmax step over key block ``kb`` (``tiles``: the arguments of ``_kv_block_scores``)."""
+    acc, m, l = carry
+    _, v, s = _kv_block_scores(kb, masked=masked, **tiles)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0 rather than NaN.
     m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -611,18 +628,9 @@ def _delta_kernel(o_ref, do_ref, delta_ref, *, st: _Static, block_q: int):
     plgpu.store(delta_ref, jnp.sum(o * do, axis=1), mask=row_ok)
 
 
-def _dq_kv_block(
-    kb, dq, *, masked: bool, q, do, lse, delta, q_rows, k_ref, v_ref, st: _Static, block_k: int
-) -> Array:
+def _dq_kv_block(kb, dq, *, masked: bool, do, lse, delta, **tiles) -> Array:
     """Adds key block ``kb``'s contribution ``dS @ K`` (without the softmax scale) to ``dq``."""
-    k_pos = kb * block_k + jnp.arange(block_k)
-    k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
-    rows = pl.ds(kb * block_k, block_k)
-    k = _load_tile(k_ref.at[rows, :], k_ok, st)
-    v = _load_tile(v_ref.at[rows, :], k_ok, st)
-    s = plgpu.dot(q, k, trans_b=True) * st.qk_scale
-    if masked:
-        s = jnp.where(q_rows.visible(k_pos, keys_first=False), s, -jnp.inf)
+    k, v, s = _kv_block_scores(kb, masked=masked, **tiles)
     p = jnp.exp2(s - lse[:, None])
     ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
