@@ -1,7 +1,7 @@
 """complexity-jax: every useful attention form as Flax layers over Pallas GPU kernels."""
 
 from complexity_jax.api import CUDA, LAYERS
-from complexity_jax.cache import CacheFullError, KVCache, LinearCache, RingCache, check_cache
+from complexity_jax.cache import CacheFullError, KVCache, LinearCache, MultiScaleCache, RingCache, check_cache
 from complexity_jax.layers import (
     Attention,
     FlashAttention,
@@ -21,6 +21,7 @@ __all__ = [
     "LinearAttention",
     "LinearCache",
     "MultiScaleAttention",
+    "MultiScaleCache",
     "RingCache",
     "SlidingWindowAttention",
     "SparseAttention",

@@ -1,8 +1,10 @@
 """Caches that let a layer continue a sequence: pytrees that pass through ``jax.jit`` and ``lax.scan``.
 
-- ``KVCache``: keys/values at their positions (flash, sparse, multi-scale), ``O(capacity)``.
+- ``KVCache``: keys/values at their positions (flash, sparse, multi-scale global heads), ``O(capacity)``.
 - ``RingCache``: the last ``W`` keys/values of a sliding window, position ``p`` in slot ``p % W``.
 - ``LinearCache``: the recurrent state of linear attention, ``O(1)`` in length.
+- ``MultiScaleCache``: a ``KVCache`` for the key/value heads that serve a global head, ``RingCache``s for the
+  key/value heads whose query heads are all local.
 
 Running out of room never overwrites. Eagerly, a growable ``KVCache`` (the one a call without a cache
 returns) grows, a preallocated one (``init_cache``) raises ``CacheFullError``. Under ``jit`` the length
@@ -13,6 +15,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import dataclasses
+from collections.abc import Sequence
+
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
@@ -130,10 +135,127 @@ class LinearCache:
         return jnp.zeros((), jnp.bool_)
 
 
-def check_cache(cache: KVCache | RingCache | LinearCache | None) -> None:
+@dataclasses.dataclass(frozen=True)
+class CachePart:
+    """Static: key/value heads ``[kv_start, kv_stop)`` and the query heads ``[q_start, q_stop)`` reading them.
+
+    ``ring`` is the ring size (the largest window of those query heads) or ``None`` for the full part;
+    ``windows`` holds each query head's window (``None`` = global).
+    """
+
+    kv_start: int
+    kv_stop: int
+    q_start: int
+    q_stop: int
+    ring: int | None
+    windows: tuple[int | None, ...]
+
+
+def multiscale_layout(head_windows: Sequence[int | None], num_kv_heads: int) -> tuple[CachePart, ...]:
+    """Splits the key/value heads of a multi-scale layer into cache parts, in head order.
+
+    Query head ``h`` reads key/value head ``h // group`` (``group = num_heads // num_kv_heads``). A key/value
+    head whose query heads are all local needs only a ring of the largest of their windows; one that serves a
+    global head (window ``None``) needs every position. Consecutive key/value heads with the same need share a
+    part, so each part is a contiguous range of key/value heads and of query heads.
+    """
+    head_windows = tuple(head_windows)
+    num_heads = len(head_windows)
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    group = num_heads // num_kv_heads
+    needs = []  # per key/value head: its ring size, or None for every position
+    for g in range(num_kv_heads):
+        windows = head_windows[g * group:(g + 1) * group]
+        needs.append(None if any(w is None for w in windows) else max(windows))
+    parts: list[CachePart] = []
+    start = 0
+    for g in range(1, num_kv_heads + 1):
+        if g == num_kv_heads or needs[g] != needs[start]:
+            parts.append(CachePart(start, g, start * group, g * group, needs[start],
+                                   head_windows[start * group:g * group]))
+            start = g
+    full = [p for p in parts if p.ring is None]
+    if len(full) > 1:
+        # Global heads come last, so only the trailing key/value heads serve one; never split the full part.
+        raise ValueError(f"the global heads of {head_windows} do not form one contiguous range of key/value heads")
+    covered = [h for p in parts for h in range(p.q_start, p.q_stop)]
+    assert covered == list(range(num_heads)), (parts, num_heads)
+    return tuple(parts)
+
+
+@struct.dataclass
+class MultiScaleCache:
+    """The cache of ``MultiScaleAttention``: each group of key/value heads keeps only what its query heads see.
+
+    Layout (static, from the layer's configuration, see ``multiscale_layout``): the key/value heads are split
+    into contiguous parts, in head order.
+
+    - ``full``: a ``KVCache`` of the key/value heads that serve at least one global query head (the trailing
+      ones, including a GQA group that mixes local and global heads), ``[b, capacity, n_full, d]``: the only
+      part that grows with the length, ``O(length)``. ``None`` when every query head is local.
+    - ``rings``: one ``RingCache`` per run of consecutive key/value heads whose query heads are all local, of
+      the largest window among those query heads, ``[b, ring, n, d]``: ``O(window)``, independent of the
+      length (with ``window_sizes`` in increasing order that is one ring per distinct ring size).
+
+    ``parts`` lists the ``CachePart``s (rings first, then the full part, i.e. in key/value-head order) and is
+    static pytree metadata, not traced. ``overflow`` is the full part's flag (rings never overflow);
+    ``length`` counts the positions seen (the full part's count: after an overflow under ``jit`` it stops, as
+    a ``KVCache``'s does, while the rings go on; the outputs are then invalid and ``check_cache`` raises).
+    """
+
+    full: KVCache | None
+    rings: tuple[RingCache, ...]
+    parts: tuple[CachePart, ...] = struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def zeros(cls, batch: int, capacity: int, parts: Sequence[CachePart], head_dim: int, dtype,
+              growable: bool) -> MultiScaleCache:
+        full, rings = None, []
+        for part in parts:
+            n = part.kv_stop - part.kv_start
+            if part.ring is None:
+                full = KVCache.zeros(batch, capacity, n, head_dim, dtype, growable)
+            else:
+                rings.append(RingCache.zeros(batch, part.ring, n, head_dim, dtype))
+        return cls(full, tuple(rings), tuple(parts))
+
+    def part_caches(self) -> tuple[KVCache | RingCache, ...]:
+        """The cache of each part, in the order of ``parts``."""
+        rings = iter(self.rings)
+        return tuple(self.full if part.ring is None else next(rings) for part in self.parts)
+
+    @property
+    def length(self) -> Int[Array, ""]:
+        return (self.full if self.full is not None else self.rings[0]).length
+
+    @property
+    def overflow(self) -> Bool[Array, ""]:
+        return jnp.zeros((), jnp.bool_) if self.full is None else self.full.overflow
+
+    @property
+    def batch_size(self) -> int:
+        return (self.full if self.full is not None else self.rings[0]).keys.shape[0]
+
+    @property
+    def capacity(self) -> int | None:
+        """Positions the full part can hold (``None`` without one: the rings never run out of room)."""
+        return None if self.full is None else self.full.capacity
+
+    def append(self, keys: Float[Array, "b t kvh d"], values: Float[Array, "b t kvh d"]) -> MultiScaleCache:
+        """Writes ``t`` new positions of every key/value head into its part."""
+        new = [c.append(keys[:, :, p.kv_start:p.kv_stop], values[:, :, p.kv_start:p.kv_stop])
+               for p, c in zip(self.parts, self.part_caches())]
+        full = next((c for p, c in zip(self.parts, new) if p.ring is None), None)
+        rings = tuple(c for p, c in zip(self.parts, new) if p.ring is not None)
+        return self.replace(full=full, rings=rings)
+
+
+def check_cache(cache: KVCache | RingCache | LinearCache | MultiScaleCache | None) -> None:
     """Raises ``CacheFullError`` if a ``jit``-compiled call had to drop tokens for want of room."""
     if cache is not None and bool(cache.overflow):
+        slots = cache.full.capacity if isinstance(cache, MultiScaleCache) else cache.keys.shape[1]
         raise CacheFullError(
-            f"the cache overflowed under jit: its {cache.keys.shape[1]} slots were full, so later tokens were"
+            f"the cache overflowed under jit: its {slots} slots were full, so later tokens were"
             " not stored and their outputs are invalid; allocate a larger one with init_cache(max_length=...)"
         )

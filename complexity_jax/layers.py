@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import pallas_kernels as pk
-from complexity_jax.cache import KVCache, LinearCache, RingCache
+from complexity_jax.cache import CachePart, KVCache, LinearCache, MultiScaleCache, RingCache, multiscale_layout
 from complexity_jax.rope import apply_rope
 from pallas_kernels._validation import (
     FEATURE_MAPS,
@@ -153,11 +154,15 @@ class Attention(nn.Module):
 
 
 def _cache_batch(cache: Cache) -> int:
-    return cache.state.kv.shape[0] if isinstance(cache, LinearCache) else cache.keys.shape[0]
+    if isinstance(cache, LinearCache):
+        return cache.state.kv.shape[0]
+    if isinstance(cache, MultiScaleCache):
+        return cache.batch_size
+    return cache.keys.shape[0]
 
 
 class _KVCacheAttention(Attention):
-    """Forms whose cache keeps every key/value: flash, sparse and multi-scale."""
+    """Forms whose cache keeps every key/value: flash and sparse (multi-scale keeps them for its global heads)."""
 
     def new_cache(self, batch, length, dtype, growable):
         return KVCache.zeros(batch, length, self.kv_heads, self.kv_dim_per_head, dtype, growable)
@@ -249,9 +254,14 @@ class SparseAttention(_KVCacheAttention):
                                          q_pos, k_pos, self.mask, num_blocks=num_blocks, **self.op_options)
 
 
-class MultiScaleAttention(_KVCacheAttention):
+class MultiScaleAttention(Attention):
     """The first ``local_heads`` heads are sliding windows of ``window_sizes`` (split evenly, in order);
-    the other heads attend globally. ``local_heads=None`` means ``num_heads // 2``."""
+    the other heads attend globally. ``local_heads=None`` means ``num_heads // 2``.
+
+    The cache is a ``MultiScaleCache``: key/value heads that serve a global head keep every position (a
+    ``KVCache``); those whose query heads are all local keep a ring of their largest window (``RingCache``s),
+    so only the global part grows with the length (layout: ``cache_layout``).
+    """
 
     local_heads: Optional[int] = None
     window_sizes: tuple[int, ...] = (256, 512, 1024)
@@ -276,11 +286,61 @@ class MultiScaleAttention(_KVCacheAttention):
         n = len(self.window_sizes)
         return tuple(self.window_sizes[h * n // local] for h in range(local)) + (None,) * (self.num_heads - local)
 
+    @property
+    def cache_layout(self) -> tuple[CachePart, ...]:
+        """The static split of the key/value heads into ring parts and a full part (see ``MultiScaleCache``)."""
+        return multiscale_layout(self.head_windows, self.kv_heads)
+
     def attend(self, q, k, v):
         return pk.multiscale_attention(q, k, v, self.head_windows, causal=self.causal, **self.op_options)
 
-    def attend_cached(self, q, cache, lengths, q_pos, k_pos):
-        return pk.decode_attention(q, cache.keys, cache.values, lengths, self.head_windows, **self.op_options)
+    def new_cache(self, batch, length, dtype, growable):
+        return MultiScaleCache.zeros(batch, length, self.cache_layout, self.kv_dim_per_head, dtype, growable)
+
+    def continue_cache(self, cache: MultiScaleCache, q, k, v):
+        if not isinstance(cache, MultiScaleCache):
+            raise TypeError(
+                f"cache must be the MultiScaleCache of a MultiScaleAttention layer, got {type(cache).__name__}"
+            )
+        layout = self.cache_layout
+        if cache.parts != layout:
+            raise ValueError(f"cache has the layout {cache.parts}, but this layer needs {layout}")
+        outs, new_full, new_rings = [], None, []
+        for part, part_cache in zip(layout, cache.part_caches()):
+            qp = q[:, :, part.q_start:part.q_stop]
+            kp = k[:, :, part.kv_start:part.kv_stop]
+            vp = v[:, :, part.kv_start:part.kv_stop]
+            if part.ring is None:
+                new_full = part_cache.append(kp, vp)
+                lengths = jnp.broadcast_to(new_full.length, (q.shape[0],))
+                outs.append(pk.decode_attention(qp, new_full.keys, new_full.values, lengths, part.windows,
+                                                **self.op_options))
+            else:
+                outs.append(self._attend_ring(part_cache, qp, kp, vp, part.windows))
+                new_rings.append(part_cache.append(kp, vp))
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+        return out, cache.replace(full=new_full, rings=tuple(new_rings))
+
+    def _attend_ring(self, ring: RingCache, q, k, v, windows):
+        """``t`` new queries of heads with per-head ``windows`` (each <= the ring size) over a ring and themselves.
+
+        The ring is rotated into position order (slot ``j`` then holds position ``length - filled + j``,
+        ``filled = min(length, W)``) and the new keys written right after the filled slots, so the decode op sees
+        an ordinary linear cache of ``filled + t`` positions and applies each head's own window.
+        """
+        b, t = q.shape[:2]
+        w = ring.window
+        filled = jnp.minimum(ring.length, w)
+        shift = jnp.where(ring.length >= w, jnp.mod(ring.length, w), 0)
+        pad = [(0, 0), (0, t), (0, 0), (0, 0)]
+
+        def linear(buf, new):
+            buf = jnp.pad(jnp.roll(buf, -shift, axis=1), pad)
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, filled, 0, 0))
+
+        lengths = jnp.broadcast_to(filled + t, (b,))
+        return pk.decode_attention(q, linear(ring.keys, k), linear(ring.values, v), lengths, windows,
+                                   **self.op_options)
 
 
 class LinearAttention(Attention):

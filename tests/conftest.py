@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,3 +45,21 @@ def relerr(got, want) -> float:
     want = np.asarray(want, np.float64)
     assert np.all(np.isfinite(got)), "non-finite values in the result"
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def scan_decode(attn, params, cache, tokens):
+    """Feeds ``tokens [b, t, hidden]`` one at a time through ``attn`` in a jitted ``lax.scan``.
+
+    Returns the final cache and the outputs ``[b, t, hidden]``.
+    """
+
+    @jax.jit
+    def decode(cache, tokens):
+        def step(cache, token):
+            out, cache = attn.apply(params, token[:, None], cache=cache)
+            return cache, out[:, 0]
+
+        return jax.lax.scan(step, cache, jnp.swapaxes(tokens, 0, 1))
+
+    cache, outs = decode(cache, tokens)
+    return cache, jnp.swapaxes(outs, 0, 1)

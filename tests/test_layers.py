@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from complexity_jax import CUDA, CacheFullError, KVCache, LinearCache, RingCache, check_cache
+from complexity_jax import CUDA, CacheFullError, KVCache, LinearCache, MultiScaleCache, RingCache, check_cache
 from complexity_jax.rope import apply_rope
 from tests import naive
-from tests.conftest import relerr
+from tests.conftest import relerr, scan_decode
 
 HIDDEN, HEADS, KV_HEADS = 32, 4, 2
 
@@ -107,17 +107,9 @@ def test_compiled_scan_decode_loop_equals_the_whole_sequence(rng, form):
     params = attn.init(jax.random.key(3), x)
     whole, _ = attn.apply(params, x)
     prefill, cache = attn.apply(params, x[:, :6], cache=attn.init_cache(2, 24, jnp.float32))
-
-    @jax.jit
-    def decode(cache, tokens):
-        def step(cache, token):
-            out, cache = attn.apply(params, token[:, None], cache=cache)
-            return cache, out[:, 0]
-        return jax.lax.scan(step, cache, jnp.swapaxes(tokens, 0, 1))
-
-    cache, outs = decode(cache, x[:, 6:])
+    cache, outs = scan_decode(attn, params, cache, x[:, 6:])
     check_cache(cache)
-    assert relerr(jnp.concatenate([prefill, jnp.swapaxes(outs, 0, 1)], 1), whole) < 1e-5
+    assert relerr(jnp.concatenate([prefill, outs], 1), whole) < 1e-5
 
 
 def test_cache_memory_matches_the_form(rng):
@@ -133,8 +125,10 @@ def test_cache_memory_matches_the_form(rng):
     assert ring.keys.shape == (3, 5, KV_HEADS, 8) and ring.keys.dtype == jnp.bfloat16
 
 
-def test_preallocated_cache_refuses_overflow_eagerly_and_flags_it_under_jit(rng):
-    attn = build("flash")
+@pytest.mark.parametrize("form", ["flash", "multiscale"])
+def test_preallocated_cache_refuses_overflow_eagerly_and_flags_it_under_jit(rng, form):
+    attn = build(form)
+    stored_keys = lambda c: c.full.keys if isinstance(c, MultiScaleCache) else c.keys
     x = inputs(rng, s=6)
     params = attn.init(jax.random.key(0), x)
     cache = attn.init_cache(2, 8, jnp.float32)
@@ -146,7 +140,7 @@ def test_preallocated_cache_refuses_overflow_eagerly_and_flags_it_under_jit(rng)
     check_cache(full)
     _, over = step(full, x[:, :1])
     assert bool(over.overflow) and int(over.length) == 8
-    assert np.array_equal(over.keys, full.keys), "an overflow must not overwrite stored keys"
+    assert np.array_equal(stored_keys(over), stored_keys(full)), "an overflow must not overwrite stored keys"
     with pytest.raises(CacheFullError, match="overflowed"):
         check_cache(over)
 

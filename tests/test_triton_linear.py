@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels._triton import linear
 from pallas_kernels._triton.linear import LinearState, linear_attention
 
 D = 16
@@ -99,6 +100,32 @@ def test_no_initial_state_default_chunk():
         _assert_close(g, w, 1e-4)
 
 
+def test_default_chunks_and_backward_with_its_own_chunk():
+    assert linear._default_chunks(32768, 128, 2) == (64, 128)
+    assert linear._default_chunks(32768, 128, 4) == (32, 32)
+    assert linear._default_chunks(40, 64, 2) == (64, 64)
+    # bf16 at 150 rows: the forward walks chunks of 64, the backward chunks of 128; gradients must not care.
+    arrays, ref_inputs = _inputs(5, 1, 150, 2, 1, dtype=jnp.bfloat16)
+    q, k, v, kv0, ksum0 = arrays
+    ct = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
+
+    def loss(q, k, v, kv0, ksum0):
+        out, _ = linear_attention(q, k, v, feature_map="elu", causal=True, initial_state=LinearState(kv0, ksum0),
+                                  interpret=True)
+        return jnp.sum(out.astype(jnp.float32) * ct)
+
+    got = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, kv0, ksum0)
+    with jax.enable_x64(True):
+        bf16_inputs = [np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in arrays]
+
+        def ref_loss(*xs):
+            return jnp.sum(_reference(*xs, feature_map="elu", causal=True)[0] * np.asarray(ct, np.float64))
+
+        want = jax.grad(ref_loss, argnums=(0, 1, 2, 3, 4))(*map(jnp.asarray, bf16_inputs))
+    for g, w in zip(got, want):
+        _assert_close(g, w, 3e-2)
+
+
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_initial_state_carry(feature_map, causal):
@@ -130,6 +157,28 @@ def test_gradients(feature_map, causal, seq, heads, kv_heads, state_cotangent):
         _, ref_vjp = jax.vjp(ref, *map(jnp.asarray, ref_inputs))
         want = ref_vjp(tuple(map(jnp.asarray, cts)))
     for name, g, w in zip(["q", "k", "v", "kv0", "ksum0"], got, want):
+        assert g.shape == w.shape, name
+        _assert_close(g, w, 1e-4)
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("seq,heads,kv_heads", [(37, 4, 2), (32, 3, 1)])
+def test_causal_head_dim_tiles(monkeypatch, feature_map, seq, heads, kv_heads):
+    """head_dim 64 in tiles of 16 (the causal kernels' third grid axis; softmax tiles only the value axis):
+    output, final state and every gradient, initial state included, against the float64 reference."""
+    monkeypatch.setattr(linear, "_TILE", 16)
+    arrays, ref_inputs = _inputs(17, 2, seq, heads, kv_heads, d=64)
+    f = _kernel(feature_map, True)
+    got, vjp = jax.vjp(jax.jit(f), *arrays)
+    rng = np.random.default_rng(18)
+    cts = [rng.standard_normal(x.shape) for x in got]
+    got_grads = vjp(tuple(jnp.asarray(c, jnp.float32) for c in cts))
+    with jax.enable_x64(True):
+        ref = functools.partial(_reference, feature_map=feature_map, causal=True)
+        want, ref_vjp = jax.vjp(ref, *map(jnp.asarray, ref_inputs))
+        want_grads = ref_vjp(tuple(map(jnp.asarray, cts)))
+    names = ["out", "kv", "k_sum", "dq", "dk", "dv", "dkv0", "dksum0"]
+    for name, g, w in zip(names, got + got_grads, want + want_grads):
         assert g.shape == w.shape, name
         _assert_close(g, w, 1e-4)
 
@@ -216,7 +265,7 @@ def test_gpu_long_sequence():
     kf = np.asarray(k.astype(jnp.float32), np.float64)[0, :, 0]
     b = np.where(kf > 0, kf + 1, np.exp(np.minimum(kf, 0)))
     vf = np.asarray(v.astype(jnp.float32), np.float64)[0, :, 0]
-    # Half-precision inputs multiply at TF32 (10-bit mantissa); the fp32 sums themselves lose far less.
+    # Half-precision inputs multiply as bf16 (8-bit mantissa) with fp32 sums; the rounding errors average out.
     _assert_close(state.kv[0, 0], b.T @ vf, 2e-3)
     _assert_close(state.k_sum[0, 0], b.sum(0), 1e-4)
     _assert_close(state_nc.kv, state.kv, 2e-3)
