@@ -8,6 +8,10 @@ Peers: ``jax.nn.dot_product_attention`` with cuDNN and with XLA (where the S×S 
 built-in Pallas ``mha`` (it has no GQA: K/V are repeated inside its timed function), and for the linear
 suite flash-linear-attention (``fla-core``, carried to the GPU machine as a wheel).
 
+Suites (all by default, ``--suites`` picks): ``softmax`` (flash causal and a sliding window), ``multiscale``
+(against its local and global halves), ``sparse`` (BigBird mask beside our dense causal kernel), ``linear``
+(beside fla and our softmax kernel) and ``decode`` (one step against caches: µs, bandwidth vs a copy).
+
 ``--quick`` runs tiny shapes (the kernels in interpret mode off-GPU) to check the harness itself.
 """
 
@@ -331,8 +335,8 @@ def print_table(results: list[Result]) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m complexity_jax.bench", description=__doc__)
-    p.add_argument("--suites", nargs="+", default=["softmax", "multiscale"],
-                   choices=["softmax", "multiscale", "linear", "sparse", "decode"])
+    suites = ["softmax", "multiscale", "sparse", "linear", "decode"]
+    p.add_argument("--suites", nargs="+", default=suites, choices=suites, help="default: all of them")
     p.add_argument("--quick", action="store_true", help="tiny shapes; kernels in interpret mode off-GPU")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None)
     p.add_argument("--window", type=int, default=1024)
