@@ -161,6 +161,36 @@ def _cache_batch(cache: Cache) -> int:
     return cache.keys.shape[0]
 
 
+def _attend_ring(ring: RingCache, q, k, v, windows: tuple[int, ...], op_options: dict) -> tuple[Array, RingCache]:
+    """``t`` new queries of heads with per-head ``windows`` (each <= the ring size) over ``ring`` and themselves.
+
+    Returns the output and the ring with the new keys/values written. One new token whose heads all see the whole
+    ring: after writing it the ring holds exactly the positions it sees, in its first ``min(length, W)`` slots,
+    and slot order does not matter (softmax is permutation-invariant), so the decode op reads the ring in place.
+    Otherwise the ring is rotated into position order (slot ``j`` then holds position ``length - filled + j``,
+    ``filled = min(length, W)``) and the new keys written right after the filled slots, so the decode op sees an
+    ordinary linear cache of ``filled + t`` positions and applies each head's own window.
+    """
+    b, t = q.shape[:2]
+    w = ring.window
+    new_ring = ring.append(k, v)
+    if t == 1 and all(window >= w for window in windows):
+        filled = jnp.broadcast_to(jnp.minimum(new_ring.length, w), (b,))
+        return pk.decode_attention(q, new_ring.keys, new_ring.values, filled, windows, **op_options), new_ring
+
+    filled = jnp.minimum(ring.length, w)
+    shift = jnp.where(ring.length >= w, jnp.mod(ring.length, w), 0)
+    pad = [(0, 0), (0, t), (0, 0), (0, 0)]
+
+    def linear(buf, new):
+        buf = jnp.pad(jnp.roll(buf, -shift, axis=1), pad)
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, filled, 0, 0))
+
+    lengths = jnp.broadcast_to(filled + t, (b,))
+    out = pk.decode_attention(q, linear(ring.keys, k), linear(ring.values, v), lengths, windows, **op_options)
+    return out, new_ring
+
+
 class _KVCacheAttention(Attention):
     """Forms whose cache keeps every key/value: flash and sparse (multi-scale keeps them for its global heads)."""
 
@@ -204,24 +234,7 @@ class SlidingWindowAttention(Attention):
         return RingCache.zeros(batch, self.window_size, self.kv_heads, self.kv_dim_per_head, dtype)
 
     def continue_cache(self, cache: RingCache, q, k, v):
-        b, t = q.shape[:2]
-        if t == 1:
-            # One new token at position p: after writing it the ring holds exactly the positions p - W + 1 .. p
-            # that it sees, in the first min(p + 1, W) slots, so slot order does not matter (softmax is
-            # permutation-invariant) and the decode kernel attends to the filled slots without a window.
-            cache = cache.append(k, v)
-            filled = jnp.broadcast_to(jnp.minimum(cache.length, cache.window), (b,))
-            return pk.decode_attention(q, cache.keys, cache.values, filled, **self.op_options), cache
-        new_pos = cache.length + jnp.arange(t, dtype=jnp.int32)
-        keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
-        values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
-        k_pos = jnp.concatenate([cache.slot_positions(), new_pos])
-        out = pk.attention_at_positions(
-            q, keys.astype(q.dtype), values.astype(q.dtype),
-            jnp.broadcast_to(new_pos, (b, t)), jnp.broadcast_to(k_pos, (b, k_pos.shape[0])),
-            pk.WindowMask((self.window_size,) * self.num_heads, causal=True), **self.op_options,
-        )
-        return out, cache.append(k, v)
+        return _attend_ring(cache, q, k, v, (self.window_size,) * self.num_heads, self.op_options)
 
 
 class SparseAttention(_KVCacheAttention):
@@ -316,31 +329,11 @@ class MultiScaleAttention(Attention):
                 outs.append(pk.decode_attention(qp, new_full.keys, new_full.values, lengths, part.windows,
                                                 **self.op_options))
             else:
-                outs.append(self._attend_ring(part_cache, qp, kp, vp, part.windows))
-                new_rings.append(part_cache.append(kp, vp))
+                out, ring = _attend_ring(part_cache, qp, kp, vp, part.windows, self.op_options)
+                outs.append(out)
+                new_rings.append(ring)
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
         return out, cache.replace(full=new_full, rings=tuple(new_rings))
-
-    def _attend_ring(self, ring: RingCache, q, k, v, windows):
-        """``t`` new queries of heads with per-head ``windows`` (each <= the ring size) over a ring and themselves.
-
-        The ring is rotated into position order (slot ``j`` then holds position ``length - filled + j``,
-        ``filled = min(length, W)``) and the new keys written right after the filled slots, so the decode op sees
-        an ordinary linear cache of ``filled + t`` positions and applies each head's own window.
-        """
-        b, t = q.shape[:2]
-        w = ring.window
-        filled = jnp.minimum(ring.length, w)
-        shift = jnp.where(ring.length >= w, jnp.mod(ring.length, w), 0)
-        pad = [(0, 0), (0, t), (0, 0), (0, 0)]
-
-        def linear(buf, new):
-            buf = jnp.pad(jnp.roll(buf, -shift, axis=1), pad)
-            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, filled, 0, 0))
-
-        lengths = jnp.broadcast_to(filled + t, (b,))
-        return pk.decode_attention(q, linear(ring.keys, k), linear(ring.values, v), lengths, windows,
-                                   **self.op_options)
 
 
 class LinearAttention(Attention):
