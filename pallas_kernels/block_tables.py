@@ -31,6 +31,19 @@ class BlockTable(NamedTuple):
     blocks: Int[np.ndarray, " entries"]
 
 
+class RowPieces(NamedTuple):
+    """Long rows of a ``BlockTable`` cut into pieces of at most ``length`` entries, so that no program of a kernel
+    that owns one row tile (and loops over its entries) runs far longer than the others.
+
+    Piece ``p`` of row tile ``t`` covers entries ``[start + p * length, start + (p + 1) * length)`` of every head's row
+    ``t``, clipped to it. Piece 0 of every row tile is implied; ``tiles[n], parts[n]`` list the others (``parts >= 1``).
+    """
+
+    length: int
+    tiles: Int[np.ndarray, " extra"]
+    parts: Int[np.ndarray, " extra"]
+
+
 class BlockTables(NamedTuple):
     """The same tile pairs indexed both ways (a pair is FULL or PARTIAL in both)."""
 
@@ -58,6 +71,20 @@ def block_tables(mask: SparseMask, q_len: int, kv_len: int, block_q: int, block_
     return BlockTables(
         _compress(head, qt, kt, full, mask.num_heads, n_qt), _compress(head, kt, qt, full, mask.num_heads, n_kt)
     )
+
+
+def split_long_rows(table: BlockTable, factor: int = 4) -> RowPieces:
+    """Pieces of ``factor`` times the mean row length (over heads and rows); rows up to twice that stay whole.
+
+    A causal global column is seen by every query tile, so its key tile's row is ``O(tiles)`` long while the others
+    hold a handful of entries: unsplit, that one program is the tail of the whole dK/dV pass.
+    """
+    lengths = table.bounds[..., 2] - table.bounds[..., 0]
+    length = max(1, factor * int(np.ceil(lengths.mean())))
+    longest = lengths.max(axis=0)
+    n_pieces = np.where(longest > 2 * length, -(-longest // length), 1)
+    tiles, parts = _spread(np.arange(n_pieces.size), 1, n_pieces - 1)
+    return RowPieces(length, tiles.astype(np.int32), parts.astype(np.int32))
 
 
 def _spread(owner: np.ndarray, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

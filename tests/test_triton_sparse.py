@@ -11,7 +11,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels._triton.softmax import KernelConfig, sparse_attention
-from pallas_kernels.block_tables import block_tables
+from pallas_kernels.block_tables import block_tables, split_long_rows
 from tests.conftest import relerr
 
 
@@ -54,7 +54,26 @@ CASES = {
     "bidir_q_shorter_ragged_mask_blocks": (1, 19, 53, 4, 2, 16, dict(block_size=12, num_global_tokens=25,
                                            num_local_blocks=1, num_random_blocks=1, seed=5, causal=False),
                                            (16, 32, 16, 16)),
+    # The global column's key tile is seen by all 38 query tiles: its dK/dV loop runs in 3 pieces (see below).
+    "causal_long_global_column_in_pieces": (1, 600, 600, 4, 2, 16, dict(block_size=16, num_global_tokens=1,
+                                            num_local_blocks=2, num_random_blocks=1, seed=3), (16, 16, 16, 16)),
 }
+
+
+def test_long_key_rows_are_split_into_pieces_that_cover_them_once():
+    mask = pk.SparseMask(4, block_size=16, num_global_tokens=1, num_local_blocks=2, num_random_blocks=1, seed=3)
+    table = block_tables(mask, 600, 600, 16, 16).by_key
+    pieces = split_long_rows(table)
+    lengths = table.bounds[..., 2] - table.bounds[..., 0]
+    assert pieces.length == 4 * int(np.ceil(lengths.mean())) and lengths[:, 0].max() > 2 * pieces.length
+    assert set(pieces.tiles.tolist()) == {0} and np.all(pieces.parts >= 1)
+    # Entries [start + p * length, ...) of every head's row, for piece 0 and the listed parts, tile the row exactly.
+    for tile in range(lengths.shape[1]):
+        parts = [0] + pieces.parts[pieces.tiles == tile].tolist()
+        for h in range(4):
+            start, _, end = table.bounds[h, tile]
+            covered = np.concatenate([np.arange(start, end)[p * pieces.length:(p + 1) * pieces.length] for p in parts])
+            assert np.array_equal(covered, np.arange(start, end))
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())

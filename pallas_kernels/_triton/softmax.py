@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels.block_tables import band, block_tables
+from pallas_kernels.block_tables import RowPieces, band, block_tables, split_long_rows
 from pallas_kernels.masks import SparseMask
 
 from .compiler import compiler_params, pl, plgpu
@@ -259,6 +259,13 @@ class _TableRow(NamedTuple):
         block = lambda t: self.blocks_ref[t]
         return _Phase(self.start, self.full_end, block), _Phase(self.full_end, self.end, block)
 
+    def piece(self, part: Int[Array, ""], length: int) -> _TableRow:
+        """Entries ``[start + part * length, start + (part + 1) * length)`` of the row (``RowPieces``)."""
+        lo = self.start + part * length
+        hi = jnp.minimum(lo + length, self.end)
+        clip = lambda x: jnp.minimum(jnp.maximum(x, lo), hi)
+        return _TableRow(self.blocks_ref, clip(self.start), clip(self.full_end), clip(self.end))
+
 
 def _pow2_at_least(n: int) -> int:
     return max(_MIN_BLOCK, pl.next_power_of_2(n))
@@ -348,20 +355,20 @@ def _load_rows(ref, row_ok, other: float) -> Array:
     return plgpu.load(ref, mask=row_ok, other=other)
 
 
-def _whole_specs(arrays: tuple[Array, ...]) -> tuple[pl.BlockSpec, ...]:
+def _whole_specs(arrays: dict[str, Array]) -> dict[str, pl.BlockSpec]:
     """Each array as a single block of a 3-D grid, its block shape rounded up to powers of two."""
 
     def spec(x: Array) -> pl.BlockSpec:
         return pl.BlockSpec(tuple(pl.next_power_of_2(n) for n in x.shape), lambda i, b, h: (0,) * x.ndim)
 
-    return tuple(spec(x) for x in arrays)
+    return {name: spec(x) for name, x in arrays.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Masks. A static mask (``_Windows`` or ``_Sparse``, a jit static argument) names the arrays its kernels read
-# (``inputs``, passed whole) and, inside a kernel, gives per query head (``head``) the blocks a program loops over
-# and the element mask of a query tile's partial blocks. ``by_key`` selects the dK/dV orientation: the program owns
-# a key block and loops over query blocks.
+# (``inputs``, passed whole, by name) and, inside a kernel, gives per query head (``head``) the blocks a program loops
+# over and the element mask of a query tile's partial blocks. ``by_key`` selects the dK/dV orientation: the program
+# owns a key block and loops over query blocks; ``key_pieces`` says which of those loops are long enough to split.
 
 
 def _per_query(x: Array, keys_first: bool) -> Array:
@@ -380,12 +387,15 @@ class _Windows:
     windows: tuple[int | None, ...]
     causal: bool
 
-    def inputs(self, st: _Static, block_q: int, block_k: int, by_key: bool) -> tuple[Array, ...]:
-        return (_window_array(self.windows),)
+    def inputs(self, st: _Static, block_q: int, block_k: int, by_key: bool) -> dict[str, Array]:
+        return {"windows": _window_array(self.windows)}
 
-    def head(self, refs: tuple[Any, ...], h: Int[Array, ""], st: _Static) -> _WindowHead:
-        (w_ref,) = refs
-        return _WindowHead(w_ref[h], st)
+    def key_pieces(self, st: _Static, block_q: int, block_k: int) -> RowPieces | None:
+        """Window bands give every key block about the same number of query blocks: no piece to split off."""
+        return None
+
+    def head(self, refs: dict[str, Any], h: Int[Array, ""], st: _Static) -> _WindowHead:
+        return _WindowHead(refs["windows"][h], st)
 
 
 class _WindowHead(NamedTuple):
@@ -437,17 +447,25 @@ class _Sparse:
     def causal(self) -> bool:
         return self.sparse.causal
 
-    def inputs(self, st: _Static, block_q: int, block_k: int, by_key: bool) -> tuple[Array, ...]:
-        """The table's ``bounds`` and ``blocks`` (rows are key blocks if ``by_key``), then ``_random_key_starts``
-        if the mask has random blocks."""
+    def inputs(self, st: _Static, block_q: int, block_k: int, by_key: bool) -> dict[str, Array]:
+        """The table's ``bounds`` and ``blocks`` (rows are key blocks if ``by_key``), ``_random_key_starts`` if the
+        mask has random blocks, and for ``by_key`` the extra pieces of ``key_pieces`` if there are any."""
         tables = block_tables(self.sparse, st.q_len, st.kv_len, block_q, block_k)
         table = tables.by_key if by_key else tables.by_query
-        arrays = (jnp.asarray(table.bounds), jnp.asarray(table.blocks))
+        arrays = {"bounds": jnp.asarray(table.bounds), "blocks": jnp.asarray(table.blocks)}
         if self.sparse.num_random_blocks:
-            arrays += (_random_key_starts(self.sparse, st, block_q),)
+            arrays["random"] = _random_key_starts(self.sparse, st, block_q)
+        pieces = self.key_pieces(st, block_q, block_k) if by_key else None
+        if pieces is not None:
+            arrays["piece_tiles"], arrays["piece_parts"] = jnp.asarray(pieces.tiles), jnp.asarray(pieces.parts)
         return arrays
 
-    def head(self, refs: tuple[Any, ...], h: Int[Array, ""], st: _Static) -> _SparseHead:
+    def key_pieces(self, st: _Static, block_q: int, block_k: int) -> RowPieces | None:
+        """``split_long_rows`` of the key-major table (global columns), or ``None`` when no row is long."""
+        pieces = split_long_rows(block_tables(self.sparse, st.q_len, st.kv_len, block_q, block_k).by_key)
+        return pieces if pieces.tiles.size else None
+
+    def head(self, refs: dict[str, Any], h: Int[Array, ""], st: _Static) -> _SparseHead:
         return _SparseHead(self.sparse, refs, h, st)
 
 
@@ -469,15 +487,14 @@ class _SparseHead(NamedTuple):
     """The sparse mask of one query head, inside a kernel; ``refs`` are the arrays of ``_Sparse.inputs``."""
 
     sparse: SparseMask
-    refs: tuple[Any, ...]
+    refs: dict[str, Any]
     h: Int[Array, ""]
     st: _Static
 
     def blocks(self, tile, block_q: int, block_k: int, *, by_key: bool) -> _TableRow:
         """Row ``tile`` of the table (``_Sparse.inputs`` passed the one of this orientation)."""
-        bounds_ref, blocks_ref = self.refs[:2]
-        h = self.h
-        return _TableRow(blocks_ref, bounds_ref[h, tile, 0], bounds_ref[h, tile, 1], bounds_ref[h, tile, 2])
+        bounds, h = self.refs["bounds"], self.h
+        return _TableRow(self.refs["blocks"], bounds[h, tile, 0], bounds[h, tile, 1], bounds[h, tile, 2])
 
     def rows(self, r0, block_q: int) -> _SparseRows:
         """The element mask of query rows ``[r0, r0 + block_q)``."""
@@ -486,7 +503,7 @@ class _SparseHead(NamedTuple):
         q_block = lax.div(q_pos, sparse.block_size)
         before, after = band(sparse)
         rows = pl.ds(r0, block_q)
-        random = tuple(plgpu.load(self.refs[2].at[self.h * r + slot, rows]) for slot in range(r))
+        random = tuple(plgpu.load(self.refs["random"].at[self.h * r + slot, rows]) for slot in range(r))
         band_lo, band_hi = (q_block - before) * sparse.block_size, (q_block + after + 1) * sparse.block_size
         return _SparseRows(q_pos, band_lo, band_hi, random, sparse, self.st)
 
@@ -556,7 +573,7 @@ def _fwd_kernel(
     mask_refs, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: _Mask, st: _Static, block_q: int, block_k: int
 ):
     """Grid ``(q_blocks, batch, heads)``: one query block of one head against its visible key blocks."""
-    qb, h = pl.program_id(0), pl.program_id(2)
+    qb, h = _query_tile(pl.program_id(0), st, block_q), pl.program_id(2)
     head = mask.head(mask_refs, h, st)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
@@ -582,6 +599,18 @@ def _static(q: Array, k: Array, causal: bool, softmax_scale: float) -> _Static:
     return _Static(q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3], causal=causal, softmax_scale=softmax_scale)
 
 
+# Causal rows get longer down the sequence; Triton launches program 0 first, so without reversal the longest query
+# blocks start last and finish as a tail.
+_LONGEST_QUERY_BLOCKS_FIRST = True
+
+
+def _query_tile(i, st: _Static, block_q: int):
+    """The query block that grid index ``i`` (of the query-block axis) works on."""
+    if st.causal and _LONGEST_QUERY_BLOCKS_FIRST:
+        return pl.cdiv(st.q_len, block_q) - 1 - i
+    return i
+
+
 def _kv_head(h, group: int):
     return h if group == 1 else lax.div(h, group)
 
@@ -603,13 +632,13 @@ def _forward(
     bq, dp = config.block_q, st.head_dim_padded
     mask_inputs = mask.inputs(st, bq, config.block_k, by_key=False)
 
-    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
+    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, _query_tile(i, st, bq), h, 0))
     kv_spec = pl.BlockSpec((None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, mask=mask, st=st, block_q=bq, block_k=config.block_k),
         grid=(pl.cdiv(q_len, bq), batch, heads),
         in_specs=[_whole_specs(mask_inputs), q_spec, kv_spec, kv_spec],
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _query_tile(i, st, bq)))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
@@ -622,7 +651,7 @@ def _forward(
 
 
 def _delta_kernel(o_ref, do_ref, delta_ref, *, st: _Static, block_q: int):
-    row_ok = _row_mask(pl.program_id(0) * block_q, block_q, st.q_len)
+    row_ok = _row_mask(_query_tile(pl.program_id(0), st, block_q) * block_q, block_q, st.q_len)
     o = _load_tile(o_ref, row_ok, st).astype(jnp.float32)
     do = _load_tile(do_ref, row_ok, st).astype(jnp.float32)
     plgpu.store(delta_ref, jnp.sum(o * do, axis=1), mask=row_ok)
@@ -652,7 +681,7 @@ def _dq_kernel(
     block_k: int,
 ):
     """Grid ``(q_blocks, batch, heads)``: dQ of one query block, looping over its visible key blocks."""
-    qb, h = pl.program_id(0), pl.program_id(2)
+    qb, h = _query_tile(pl.program_id(0), st, block_q), pl.program_id(2)
     head = mask.head(mask_refs, h, st)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
@@ -710,22 +739,36 @@ def _dkdv_kernel(
     delta_ref,
     dk_ref,
     dv_ref,
-    *,
+    *piece_refs,
     mask: _Mask,
     st: _Static,
     group: int,
     block_q: int,
     block_k: int,
+    pieces: RowPieces | None,
 ):
-    """Grid ``(kv_blocks, batch, kv_heads)``: dK/dV of one key block, summed over the ``group`` query heads.
+    """Grid ``(extra_pieces + kv_blocks, batch, kv_heads)``: dK/dV of one key block summed over the ``group`` query
+    heads, or of one piece of its loop over query blocks (``RowPieces``).
 
-    ``q_ref``/``do_ref`` hold all heads ``[q_len, heads, d]`` and ``lse_ref``/``delta_ref`` ``[heads, q_len]``.
+    Program ``n_extra + kb`` runs piece 0 of key block ``kb`` and writes ``dk_ref``/``dv_ref``; programs
+    ``[0, n_extra)`` run the extra pieces, first since they are the longest, and write their partial sums to
+    ``piece_refs`` (``[n_extra * block_k]`` rows each). ``k_ref``/``v_ref``/``q_ref``/``do_ref`` hold all positions
+    (``q_ref``/``do_ref`` all heads, ``[q_len, heads, d]``) and ``lse_ref``/``delta_ref`` are ``[heads, q_len]``.
     """
-    kb, g = pl.program_id(0), pl.program_id(2)
+    g = pl.program_id(2)
+    if pieces is None:
+        kb, part, is_extra = pl.program_id(0), None, None
+    else:
+        n_extra = pieces.tiles.size
+        is_extra = pl.program_id(0) < n_extra
+        n = jnp.minimum(pl.program_id(0), n_extra - 1)
+        kb = jnp.where(is_extra, mask_refs["piece_tiles"][n], pl.program_id(0) - n_extra)
+        part = jnp.where(is_extra, mask_refs["piece_parts"][n], 0)
     j0 = kb * block_k
     k_ok = _row_mask(j0, block_k, st.kv_len)
-    k = _load_tile(k_ref, k_ok, st)
-    v = _load_tile(v_ref, k_ok, st)
+    keys = pl.ds(j0, block_k)
+    k = _load_tile(k_ref.at[keys, :], k_ok, st)
+    v = _load_tile(v_ref.at[keys, :], k_ok, st)
     k_pos = j0 + jnp.arange(block_k)
 
     def head_step(t, carry):
@@ -745,12 +788,21 @@ def _dkdv_kernel(
             st=st,
             block_q=block_q,
         )
-        return _two_phase_loop(head.blocks(kb, block_q, block_k, by_key=True), step, carry)
+        blocks = head.blocks(kb, block_q, block_k, by_key=True)
+        return _two_phase_loop(blocks if part is None else blocks.piece(part, pieces.length), step, carry)
 
     zeros = jnp.zeros((block_k, st.head_dim_padded), jnp.float32)
     dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
-    _store_tile(dk_ref, dk * st.softmax_scale, k_ok, st)
-    _store_tile(dv_ref, dv, k_ok, st)
+    dk = dk * st.softmax_scale
+    if pieces is None:
+        _store_tile(dk_ref, dk, k_ok, st)
+        _store_tile(dv_ref, dv, k_ok, st)
+        return
+    # Each program writes exactly one of the two outputs; the other's block (a clamped index) is left untouched.
+    for refs, write in (((dk_ref, dv_ref), ~is_extra), (piece_refs, is_extra)):
+        ok = jnp.broadcast_to(write, (block_k,)) if k_ok is None else k_ok & write
+        _store_tile(refs[0], dk, ok, st)
+        _store_tile(refs[1], dv, ok, st)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -769,8 +821,8 @@ def _backward(
     st = _static(q, k, mask.causal, softmax_scale)
     bq, bk, dp = config.block_q_bwd, config.block_k_bwd, st.head_dim_padded
     params = compiler_params(config.num_warps_bwd, config.num_stages_bwd)
-    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, _query_tile(i, st, bq), h, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _query_tile(i, st, bq)))
     q_grid = (pl.cdiv(q_len, bq), batch, heads)
 
     delta = pl.pallas_call(
@@ -802,18 +854,32 @@ def _backward(
     q_len_p2, heads_p2 = pl.next_power_of_2(q_len), pl.next_power_of_2(heads)
     q_all_spec = pl.BlockSpec((None, q_len_p2, heads_p2, dp), lambda j, b, g: (b, 0, 0, 0))
     row_all_spec = pl.BlockSpec((None, heads_p2, q_len_p2), lambda j, b, g: (b, 0, 0))
-    kv_spec = pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, j, g, 0))
+    kv_all_spec = pl.BlockSpec((None, pl.next_power_of_2(kv_len), None, dp), lambda j, b, g: (b, 0, g, 0))
+    pieces = mask.key_pieces(st, bq, bk)
+    n_extra = 0 if pieces is None else pieces.tiles.size
+    out_specs = [pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, jnp.maximum(j - n_extra, 0), g, 0))] * 2
+    # With pieces, key blocks sum partials: the outputs stay fp32 until the sum.
+    out_dtype = k.dtype if pieces is None else jnp.float32
+    out_shape = [jax.ShapeDtypeStruct(k.shape, out_dtype)] * 2
+    if pieces is not None:
+        out_specs += [pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, jnp.minimum(j, n_extra - 1), g, 0))] * 2
+        out_shape += [jax.ShapeDtypeStruct((batch, n_extra * bk, kv_heads, k.shape[3]), jnp.float32)] * 2
     dkdv_mask_inputs = mask.inputs(st, bq, bk, by_key=True)
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, mask=mask, st=st, group=group, block_q=bq, block_k=bk),
-        grid=(pl.cdiv(kv_len, bk), batch, kv_heads),
-        in_specs=[_whole_specs(dkdv_mask_inputs), q_all_spec, kv_spec, kv_spec, q_all_spec, row_all_spec, row_all_spec],
-        out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    dk, dv, *extra = pl.pallas_call(
+        functools.partial(_dkdv_kernel, mask=mask, st=st, group=group, block_q=bq, block_k=bk, pieces=pieces),
+        grid=(n_extra + pl.cdiv(kv_len, bk), batch, kv_heads),
+        in_specs=[
+            _whole_specs(dkdv_mask_inputs), q_all_spec, kv_all_spec, kv_all_spec, q_all_spec, row_all_spec, row_all_spec
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=params,
         interpret=interpret,
         name="softmax_attention_bwd_dkdv",
     )(dkdv_mask_inputs, q, k, v, do, lse, delta)
+    if pieces is not None:
+        keys = (pieces.tiles[:, None] * bk + np.arange(bk)).ravel()
+        dk, dv = (x.at[:, keys].add(e, mode="drop").astype(k.dtype) for x, e in zip((dk, dv), extra))
     return dq, dk, dv
 
 
