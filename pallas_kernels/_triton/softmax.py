@@ -573,7 +573,7 @@ def _fwd_kernel(
     mask_refs, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: _Mask, st: _Static, block_q: int, block_k: int
 ):
     """Grid ``(q_blocks, batch, heads)``: one query block of one head against its visible key blocks."""
-    qb, h = _query_tile(pl.program_id(0), st, block_q), pl.program_id(2)
+    qb, h = pl.program_id(0), pl.program_id(2)
     head = mask.head(mask_refs, h, st)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
@@ -599,18 +599,6 @@ def _static(q: Array, k: Array, causal: bool, softmax_scale: float) -> _Static:
     return _Static(q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3], causal=causal, softmax_scale=softmax_scale)
 
 
-# Causal rows get longer down the sequence; Triton launches program 0 first, so without reversal the longest query
-# blocks start last and finish as a tail.
-_LONGEST_QUERY_BLOCKS_FIRST = True
-
-
-def _query_tile(i, st: _Static, block_q: int):
-    """The query block that grid index ``i`` (of the query-block axis) works on."""
-    if st.causal and _LONGEST_QUERY_BLOCKS_FIRST:
-        return pl.cdiv(st.q_len, block_q) - 1 - i
-    return i
-
-
 def _kv_head(h, group: int):
     return h if group == 1 else lax.div(h, group)
 
@@ -632,13 +620,13 @@ def _forward(
     bq, dp = config.block_q, st.head_dim_padded
     mask_inputs = mask.inputs(st, bq, config.block_k, by_key=False)
 
-    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, _query_tile(i, st, bq), h, 0))
+    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, mask=mask, st=st, block_q=bq, block_k=config.block_k),
         grid=(pl.cdiv(q_len, bq), batch, heads),
         in_specs=[_whole_specs(mask_inputs), q_spec, kv_spec, kv_spec],
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _query_tile(i, st, bq)))],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
@@ -651,7 +639,7 @@ def _forward(
 
 
 def _delta_kernel(o_ref, do_ref, delta_ref, *, st: _Static, block_q: int):
-    row_ok = _row_mask(_query_tile(pl.program_id(0), st, block_q) * block_q, block_q, st.q_len)
+    row_ok = _row_mask(pl.program_id(0) * block_q, block_q, st.q_len)
     o = _load_tile(o_ref, row_ok, st).astype(jnp.float32)
     do = _load_tile(do_ref, row_ok, st).astype(jnp.float32)
     plgpu.store(delta_ref, jnp.sum(o * do, axis=1), mask=row_ok)
@@ -681,7 +669,7 @@ def _dq_kernel(
     block_k: int,
 ):
     """Grid ``(q_blocks, batch, heads)``: dQ of one query block, looping over its visible key blocks."""
-    qb, h = _query_tile(pl.program_id(0), st, block_q), pl.program_id(2)
+    qb, h = pl.program_id(0), pl.program_id(2)
     head = mask.head(mask_refs, h, st)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
@@ -821,8 +809,8 @@ def _backward(
     st = _static(q, k, mask.causal, softmax_scale)
     bq, bk, dp = config.block_q_bwd, config.block_k_bwd, st.head_dim_padded
     params = compiler_params(config.num_warps_bwd, config.num_stages_bwd)
-    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, _query_tile(i, st, bq), h, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _query_tile(i, st, bq)))
+    q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     q_grid = (pl.cdiv(q_len, bq), batch, heads)
 
     delta = pl.pallas_call(
