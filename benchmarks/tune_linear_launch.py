@@ -16,8 +16,8 @@ from complexity_jax.bench import Shape
 from complexity_jax.profiling import median_ms
 from pallas_kernels._triton import linear
 
-BACKWARD_KERNELS = ("linear_attention_causal_dq", "linear_attention_causal_dk", "linear_attention_causal_dv")
-VARIANTS = [(8, 2, 128), (4, 2, 128), (4, 3, 128), (8, 3, 128), (4, 2, 64), (8, 1, 128)]  # (warps, stages, chunk)
+BACKWARD_KERNELS = ("linear_attention_states", "linear_attention_state_grads", "linear_attention_chunk_grads")
+VARIANTS = [(8, 2, 128), (8, 2, 64), (4, 2, 64), (4, 2, 128), (8, 3, 64), (4, 3, 64), (8, 2, 32)]  # (warps, stages, chunk)
 
 
 def main(out_path: str, seq_len: int) -> None:

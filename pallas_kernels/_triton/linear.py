@@ -7,12 +7,13 @@ With ``a_i = phi(q_i)``, ``b_j = phi(k_j)`` and an initial state ``(S0, z0)``::
 where the sums run over ``j <= i`` (causal) or over the whole sequence (non-causal). Query head ``h`` reads
 KV head ``h // group``. The final state ``(S0 + sum_all b_j v_j^T, z0 + sum_all b_j)`` is returned per KV head.
 
-Causal kernels walk the sequence chunk by chunk with (a head_dim tile of) the state in fp32 registers, one
-program per (batch, head, tile); non-causal ones reduce the state first and then apply it to every query block
-in parallel. Dots take operands in the input dtype (bf16/fp16 on the half-precision tensor cores, fp32 exact)
-and accumulate in fp32; feature maps, sums, normalisers and the state stay fp32. The causal backward saves the
-output and the per-query normaliser (O(seq)) besides the inputs and initial state, and replays the state chunk
-by chunk; the non-causal one saves the inputs and the final state.
+The causal forward walks the sequence chunk by chunk with a value-column tile of the state in fp32 registers,
+one program per (batch, head, tile); the non-causal one reduces the state first and then applies it to every query
+block in parallel. The backward (both) walks the state forward and its cotangent in reverse, storing both per
+chunk (``[chunks, d, d]`` per KV head in the input dtype, transient), and then computes dq, dk, dv of all chunks in
+parallel. Dots take operands in the input dtype (bf16/fp16 on the half-precision tensor cores, fp32 exact) and
+accumulate in fp32; feature maps, sums, normalisers and the carried state stay fp32. Residuals: the inputs, the
+output and the per-query normaliser (O(seq)) and the initial (causal) or final (non-causal) state.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ StateSum = Float[Array, "batch kv_heads head_dim"]
 _EPS = 1e-6
 _FEATURE_MAPS = get_args(FeatureMap)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-# 64 columns per program: (batch, heads, 2) programs at head_dim 128. Tests lower it to cover several tiles.
+# 64 value columns per program of the state walks: (batch, heads, 2) programs at head_dim 128. Tests lower it to
+# cover several tiles.
 _TILE = 64
 
 
@@ -47,7 +49,7 @@ class _Config(NamedTuple):
     causal: bool
     chunk: int  # sequence rows per loop step of the kernel being launched
     interpret: bool
-    tile: int  # head_dim tile of the causal kernels' third grid axis (capped at head_dim)
+    tile: int  # value-column tile of the state walks' third grid axis (capped at head_dim)
     chunk_bwd: int  # ``chunk`` of the backward kernels
 
 
@@ -101,17 +103,9 @@ def _keys(k_ref, mask: jax.Array, feature_map: str) -> tuple[jax.Array, jax.Arra
     return y, jnp.where(mask, _phi(y, feature_map), 0.0)
 
 
-def _normalise_grad(do, out, den):
-    """For out = num / den[:, None]: (g, r) with d num = g and d den = r (fp32)."""
-    g = do / den[:, None]
-    r = -jnp.sum(do * out, axis=1) / den
-    return g, r
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Causal kernels. The third grid axis tiles one head_dim axis of the state, so that each (batch, head) runs as
-# d // tile programs: the value axis in the forward and dv kernels, the key axis in the dq and dk kernels (whole
-# for the softmax feature map, which couples a row). Every program recomputes the full-width chunk matrices.
+# Causal forward. The third grid axis tiles the value columns of the state, so that each (batch, head) runs as
+# d // tile programs; every program recomputes the full-width chunk matrices.
 
 
 def _causal_fwd_kernel(
@@ -156,220 +150,142 @@ def _causal_fwd_kernel(
         ksum_ref[...] = z
 
 
-def _causal_dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, o_ref, den_ref, kv0_ref, ksum0_ref, dq_ref, r_ref, *, feature_map, seq_len, chunk,
-):
-    """Grid (batch, heads, key tiles). Walks the chunks in order carrying the rows S[tile, :] and z[tile]; writes
-    dq[:, tile] and (tile 0) r = d loss / d den per query, from the saved output and normaliser."""
-    d = v_ref.shape[-1]
-    tile_k = q_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=q_ref.dtype)
+# ----------------------------------------------------------------------------------------------------------------
+# Backward (causal and non-causal). Two sequential state walks, then one chunk-parallel kernel:
+#   _state_kernel (forward walk):       S_c, z_c = the state before chunk c (causal) -- also the non-causal forward;
+#   _state_grad_kernel (reverse walk):  U_c, w_c = the state cotangent after chunk c: dS_final + sum over the
+#                                       queries of later chunks of a_i g_i^T (and r_i a_i), summed over the group;
+#   _chunk_grad_kernel (all chunks at once): dq, dk, dv of one chunk from its states and its own rows.
+# With g_i = do_i / den_i and r_i = -do_i . out_i / den_i (the cotangents of the numerator and the normaliser):
+#   d a_i = S_c g_i + r_i z_c + sum_{j <= i in chunk} (g_i . v_j + r_i) b_j
+#   d b_j = U_c v_j + w_c + sum_{i >= j in chunk} (g_i . v_j + r_i) a_i
+#   dv_j  = U_c^T b_j + sum_{i >= j in chunk} (a_i . b_j) g_i
+# Non-causal is the same with one "chunk": S, z the final state, U, w the totals, no in-chunk sums.
+# The walks carry one value-column tile of the state each, so (batch, kv_heads, d / tile) programs run them.
+
+
+def _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *chunk_refs, feature_map, seq_len, chunk):
+    """Grid (batch, kv_heads, value tiles). S[:, tile] = S0[:, tile] + sum_j b_j v_j[tile]^T and z = z0 + sum_j b_j;
+    with ``chunk_refs`` also the state before every chunk (z from tile 0)."""
+    d = k_ref.shape[-1]
+    tile_v = v_ref.shape[-1]
+    dot = functools.partial(_dot, dtype=k_ref.dtype)
     rows = jnp.arange(chunk)
-    tril = rows[:, None] >= rows[None, :]
     first_tile = pl.program_id(2) == 0
 
     def body(c, carry):
         s, z = carry
         start = c * chunk
         valid = start + rows < seq_len
-        mask_k, mask_d = _row_mask(valid, tile_k), _row_mask(valid, d)
         tile = (pl.ds(start, chunk), slice(None))
-        x = _load32(q_ref.at[tile], mask_k)
-        _, b = _keys(k_ref.at[tile], mask_k, feature_map)
-        v = _load(v_ref.at[tile], mask_d)
-        den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
-        # Padded queries have do = 0, hence g = 0 and r = 0.
-        g, r = _normalise_grad(_load32(do_ref.at[tile], mask_d), _load32(o_ref.at[tile], mask_d), den)
-        # d a_i = S_i g_i + r_i z_i with the inclusive prefix state S_i = s + sum_{j<=i in chunk} b_j v_j^T.
-        m = jnp.where(tril, dot(g, v, trans_b=True) + r[:, None], 0.0)
-        da = dot(g, s, trans_b=True) + r[:, None] * z[None, :] + dot(m, b)
-        plgpu.store(dq_ref.at[tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask_k)
-        plgpu.store(r_ref.at[pl.ds(start, chunk)], r, mask=valid & first_tile)
-        return s + dot(b, v, trans_a=True), z + jnp.sum(b, axis=0)
-
-    lax.fori_loop(0, pl.cdiv(seq_len, chunk), body, (kv0_ref[...], ksum0_ref[...]))
-
-
-def _causal_dk_kernel(
-    q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, dkv_ref, dksum_ref, dk_ref, dkv0_ref, dksum0_ref, *,
-    feature_map, seq_len, chunk, group,
-):
-    """Grid (batch, kv_heads, key tiles). Walks the chunks in reverse, carrying the rows U[tile, :] and w[tile] of
-    the state cotangent summed over the group's query heads (initialised with the final-state cotangent); writes
-    dk[:, tile] and ends with the rows of the initial-state cotangent."""
-    d = v_ref.shape[-1]
-    tile_k = k_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=q_ref.dtype)
-    rows = jnp.arange(chunk)
-    tril = rows[:, None] >= rows[None, :]
-    num_chunks = pl.cdiv(seq_len, chunk)
-
-    def body(i, carry):
-        start = (num_chunks - 1 - i) * chunk
-        valid = start + rows < seq_len
-        mask_k, mask_d = _row_mask(valid, tile_k), _row_mask(valid, d)
-        tile = (pl.ds(start, chunk), slice(None))
-        y, _ = _keys(k_ref.at[tile], mask_k, feature_map)
-        v = _load(v_ref.at[tile], mask_d)
-        u, w = carry
-        # Queries of later chunks (and the final state) reach these keys through (U, w) alone.
-        db = dot(v, u, trans_b=True) + w[None, :]
-
-        def head(h, acc):
-            db, u, w = acc
-            q_tile = (pl.ds(start, chunk), h, slice(None))
-            a = _phi(_load32(q_ref.at[q_tile], mask_k), feature_map)
-            den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
-            r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
-            # Padded queries have do = 0 and r = 0, so they contribute nothing.
-            g = _load32(do_ref.at[q_tile], mask_d) / den[:, None]
-            m = jnp.where(tril, dot(g, v, trans_b=True) + r[:, None], 0.0)
-            return db + dot(m, a, trans_a=True), u + dot(a, g, trans_a=True), w + jnp.sum(r[:, None] * a, axis=0)
-
-        db, u, w = lax.fori_loop(0, group, head, (db, u, w))
-        plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask_k)
-        return u, w
-
-    u, w = lax.fori_loop(0, num_chunks, body, (dkv_ref[...], dksum_ref[...]))
-    dkv0_ref[...] = u
-    dksum0_ref[...] = w
-
-
-def _causal_dv_kernel(q_ref, k_ref, do_ref, den_ref, dkv_ref, dv_ref, *, feature_map, seq_len, chunk, group):
-    """Grid (batch, kv_heads, value tiles). Walks the chunks in reverse, carrying the columns U[:, tile] of the
-    state cotangent summed over the group's query heads; writes dv[:, tile] = b U[:, tile] + sum_h att_h^T g_h."""
-    d = k_ref.shape[-1]
-    tile_v = do_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=q_ref.dtype)
-    rows = jnp.arange(chunk)
-    tril = rows[:, None] >= rows[None, :]
-    num_chunks = pl.cdiv(seq_len, chunk)
-
-    def body(i, u):
-        start = (num_chunks - 1 - i) * chunk
-        valid = start + rows < seq_len
-        mask_d, mask_v = _row_mask(valid, d), _row_mask(valid, tile_v)
-        tile = (pl.ds(start, chunk), slice(None))
-        _, b = _keys(k_ref.at[tile], mask_d, feature_map)
-        dv = dot(b, u)
-
-        def head(h, acc):
-            dv, u = acc
-            q_tile = (pl.ds(start, chunk), h, slice(None))
-            a = _phi(_load32(q_ref.at[q_tile], mask_d), feature_map)
-            den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
-            g = _load32(do_ref.at[q_tile], mask_v) / den[:, None]
-            att = jnp.where(tril, dot(a, b, trans_b=True), 0.0)
-            return dv + dot(att, g, trans_a=True), u + dot(a, g, trans_a=True)
-
-        dv, u = lax.fori_loop(0, group, head, (dv, u))
-        plgpu.store(dv_ref.at[tile], dv.astype(dv_ref.dtype), mask=mask_v)
-        return u
-
-    lax.fori_loop(0, num_chunks, body, dkv_ref[...])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Non-causal kernels.
-
-
-def _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *, feature_map, seq_len, chunk):
-    """Grid (batch, kv_heads). S = S0 + sum_j b_j v_j^T and z = z0 + sum_j b_j over the whole sequence."""
-    d = k_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=k_ref.dtype)
-    rows = jnp.arange(chunk)
-
-    def body(c, carry):
-        s, z = carry
-        start = c * chunk
-        mask = _row_mask(start + rows < seq_len, d)
-        tile = (pl.ds(start, chunk), slice(None))
-        _, b = _keys(k_ref.at[tile], mask, feature_map)
-        v = _load(v_ref.at[tile], mask)
+        _, b = _keys(k_ref.at[tile], _row_mask(valid, d), feature_map)
+        v = _load(v_ref.at[tile], _row_mask(valid, tile_v))
+        if chunk_refs:
+            kv_chunks_ref, ksum_chunks_ref = chunk_refs
+            kv_chunks_ref[c] = s.astype(kv_chunks_ref.dtype)
+            plgpu.store(ksum_chunks_ref.at[c], z, mask=jnp.broadcast_to(first_tile, (d,)))
         return s + dot(b, v, trans_a=True), z + jnp.sum(b, axis=0)
 
     s, z = lax.fori_loop(0, pl.cdiv(seq_len, chunk), body, (kv0_ref[...], ksum0_ref[...]))
     kv_ref[...] = s
-    ksum_ref[...] = z
+    plgpu.store(ksum_ref, z, mask=jnp.broadcast_to(first_tile, (d,)))
 
 
-def _apply_kernel(q_ref, kv_ref, ksum_ref, o_ref, *, feature_map, seq_len, chunk):
-    """Grid (batch, heads, query blocks). out = a @ S / (a . z + eps)."""
+def _state_grad_kernel(
+    q_ref, do_ref, den_ref, r_ref, dkv_ref, dksum_ref, u_ref, w_ref, *chunk_refs, feature_map, seq_len, chunk, group,
+):
+    """Grid (batch, kv_heads, value tiles). Walks the chunks in reverse from the final-state cotangent, adding
+    sum_{h in group, i} a_i g_i[tile]^T to U[:, tile] and r_i a_i to w; ends with the cotangent of the initial state.
+    With ``chunk_refs`` also (U, w) after every chunk, before its own queries are added (w from tile 0)."""
+    d = q_ref.shape[-1]
+    tile_v = do_ref.shape[-1]
+    dot = functools.partial(_dot, dtype=q_ref.dtype)
+    rows = jnp.arange(chunk)
+    first_tile = pl.program_id(2) == 0
+    num_chunks = pl.cdiv(seq_len, chunk)
+
+    def body(i, carry):
+        c = num_chunks - 1 - i
+        start = c * chunk
+        valid = start + rows < seq_len
+        if chunk_refs:
+            u_chunks_ref, w_chunks_ref = chunk_refs
+            u_chunks_ref[c] = carry[0].astype(u_chunks_ref.dtype)
+            plgpu.store(w_chunks_ref.at[c], carry[1], mask=jnp.broadcast_to(first_tile, (d,)))
+
+        def head(h, acc):
+            u, w = acc
+            q_tile = (pl.ds(start, chunk), h, slice(None))
+            a = _phi(_load32(q_ref.at[q_tile], _row_mask(valid, d)), feature_map)
+            den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
+            r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
+            # Padded queries have do = 0 and r = 0, so they add nothing.
+            g = _load32(do_ref.at[q_tile], _row_mask(valid, tile_v)) / den[:, None]
+            return u + dot(a, g, trans_a=True), w + jnp.sum(r[:, None] * a, axis=0)
+
+        return lax.fori_loop(0, group, head, carry)
+
+    u, w = lax.fori_loop(0, num_chunks, body, (dkv_ref[...], dksum_ref[...]))
+    u_ref[...] = u
+    plgpu.store(w_ref, w, mask=jnp.broadcast_to(first_tile, (d,)))
+
+
+def _chunk_grad_kernel(
+    q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, s_ref, z_ref, u_ref, w_ref, dq_ref, dk_ref, dv_ref, *,
+    feature_map, seq_len, chunk, group, causal,
+):
+    """Grid (batch, kv_heads, chunks). dq of the chunk's queries of every head of the group, and dk, dv of its keys
+    summed over the group, from the chunk's (S, z) and (U, w) (see the section comment)."""
+    d = k_ref.shape[-1]
+    dot = functools.partial(_dot, dtype=k_ref.dtype)
+    start = pl.program_id(2) * chunk
+    rows = jnp.arange(chunk)
+    valid = start + rows < seq_len
+    mask = _row_mask(valid, d)
+    tile = (pl.ds(start, chunk), slice(None))
+    y, b = _keys(k_ref.at[tile], mask, feature_map)
+    v = _load(v_ref.at[tile], mask)
+    s, z, u = s_ref[...], z_ref[...], u_ref[...]
+    tril = rows[:, None] >= rows[None, :]
+
+    def head(h, acc):
+        db, dv = acc
+        q_tile = (pl.ds(start, chunk), h, slice(None))
+        x = _load32(q_ref.at[q_tile], mask)
+        a = _phi(x, feature_map)
+        den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
+        r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
+        g = _load32(do_ref.at[q_tile], mask) / den[:, None]
+        da = dot(g, s, trans_b=True) + r[:, None] * z[None, :]
+        if causal:
+            m = jnp.where(tril, dot(g, v, trans_b=True) + r[:, None], 0.0)
+            da = da + dot(m, b)
+            db = db + dot(m, a, trans_a=True)
+            dv = dv + dot(jnp.where(tril, dot(a, b, trans_b=True), 0.0), g, trans_a=True)
+        plgpu.store(dq_ref.at[q_tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask)
+        return db, dv
+
+    db, dv = lax.fori_loop(0, group, head, (dot(v, u, trans_b=True) + w_ref[...][None, :], dot(b, u)))
+    plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
+    plgpu.store(dv_ref.at[tile], dv.astype(dv_ref.dtype), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-causal forward: the state (``_state_kernel`` above), then applied to every query block in parallel.
+
+
+def _apply_kernel(q_ref, kv_ref, ksum_ref, o_ref, den_ref, *, feature_map, seq_len, chunk):
+    """Grid (batch, heads, query blocks). out = a @ S / den with the normaliser den = a . z + eps."""
     d = q_ref.shape[-1]
     start = pl.program_id(2) * chunk
-    mask = _row_mask(start + jnp.arange(chunk) < seq_len, d)
+    valid = start + jnp.arange(chunk) < seq_len
+    mask = _row_mask(valid, d)
     tile = (pl.ds(start, chunk), slice(None))
     a = _phi(_load32(q_ref.at[tile], mask), feature_map)
     num = _dot(a, kv_ref[...], q_ref.dtype)
     den = jnp.sum(a * ksum_ref[...][None, :], axis=1) + _EPS
     plgpu.store(o_ref.at[tile], (num / den[:, None]).astype(o_ref.dtype), mask=mask)
-
-
-def _dq_kernel(q_ref, do_ref, kv_ref, ksum_ref, dq_ref, den_ref, r_ref, *, feature_map, seq_len, chunk):
-    """Grid (batch, heads, query blocks). dq, plus the normaliser and r = d loss / d normaliser per query."""
-    d = q_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=q_ref.dtype)
-    start = pl.program_id(2) * chunk
-    valid = start + jnp.arange(chunk) < seq_len
-    mask = _row_mask(valid, d)
-    tile = (pl.ds(start, chunk), slice(None))
-    x = _load32(q_ref.at[tile], mask)
-    a = _phi(x, feature_map)
-    do = _load32(do_ref.at[tile], mask)
-    s = kv_ref[...]
-    z = ksum_ref[...]
-    den = jnp.sum(a * z[None, :], axis=1) + _EPS
-    g, r = _normalise_grad(do, dot(a, s) / den[:, None], den)
-    da = dot(g, s, trans_b=True) + r[:, None] * z[None, :]
-    plgpu.store(dq_ref.at[tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask)
     plgpu.store(den_ref.at[pl.ds(start, chunk)], den, mask=valid)
-    plgpu.store(r_ref.at[pl.ds(start, chunk)], r, mask=valid)
-
-
-def _state_grad_kernel(
-    q_ref, do_ref, den_ref, r_ref, dkv_ref, dksum_ref, u_ref, w_ref, *, feature_map, seq_len, chunk, group,
-):
-    """Grid (batch, kv_heads). State cotangent U = dS_final + sum_{h in group, i} a_i g_i^T and
-    w = dz_final + sum_{h, i} r_i a_i: the cotangent of both the initial state and of every key's (b_j, v_j)."""
-    d = q_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=q_ref.dtype)
-    rows = jnp.arange(chunk)
-
-    def body(c, carry):
-        start = c * chunk
-        valid = start + rows < seq_len
-        mask = _row_mask(valid, d)
-
-        def head(h, acc):
-            u, w = acc
-            q_tile = (pl.ds(start, chunk), h, slice(None))
-            a = _phi(_load32(q_ref.at[q_tile], mask), feature_map)
-            do = _load32(do_ref.at[q_tile], mask)
-            den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
-            r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
-            u = u + dot(a, do / den[:, None], trans_a=True)
-            return u, w + jnp.sum(r[:, None] * a, axis=0)
-
-        return lax.fori_loop(0, group, head, carry)
-
-    u, w = lax.fori_loop(0, pl.cdiv(seq_len, chunk), body, (dkv_ref[...], dksum_ref[...]))
-    u_ref[...] = u
-    w_ref[...] = w
-
-
-def _dkv_kernel(k_ref, v_ref, u_ref, w_ref, dk_ref, dv_ref, *, feature_map, seq_len, chunk):
-    """Grid (batch, kv_heads, key blocks). d b_j = U v_j + w and dv_j = U^T b_j."""
-    d = k_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=k_ref.dtype)
-    start = pl.program_id(2) * chunk
-    mask = _row_mask(start + jnp.arange(chunk) < seq_len, d)
-    tile = (pl.ds(start, chunk), slice(None))
-    y, b = _keys(k_ref.at[tile], mask, feature_map)
-    v = _load(v_ref.at[tile], mask)
-    u = u_ref[...]
-    db = dot(v, u, trans_b=True) + w_ref[...][None, :]
-    plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
-    plgpu.store(dv_ref.at[tile], dot(b, u).astype(dv_ref.dtype), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,7 +296,7 @@ class _Specs:
     """BlockSpecs for a grid whose first two axes are (batch, head axis); ``by_kv`` if that axis is KV heads.
 
     The sequence axis is one whole-length window that the kernels index with power-of-2 ``pl.ds`` tiles. With
-    ``tiled=True`` a spec takes the ``tile`` columns (or, for ``state``, rows or columns) numbered by the third
+    ``tiled=True`` (``state``: ``"cols"``) a spec takes the ``tile`` columns numbered by the third
     grid axis, which must then be the head_dim tile.
     """
 
@@ -409,19 +325,31 @@ class _Specs:
             return pl.BlockSpec((None, self.group, self.seq_len), lambda b, h, *_: (b, h, 0))
         return pl.BlockSpec((None, None, self.seq_len), lambda b, h, *_: (b, h, 0))
 
-    def state(self, tiled: Literal["rows", "cols"] | None = None) -> pl.BlockSpec:
+    def state(self, tiled: Literal["cols"] | None = None) -> pl.BlockSpec:
         """[batch, kv_heads, d, d]."""
-        if tiled == "rows":
-            return pl.BlockSpec((None, None, self.tile, self.d), lambda b, h, j: (b, self._kv_head(h), j, 0))
         if tiled == "cols":
             return pl.BlockSpec((None, None, self.d, self.tile), lambda b, h, j: (b, self._kv_head(h), 0, j))
         return pl.BlockSpec((None, None, self.d, self.d), lambda b, h, *_: (b, self._kv_head(h), 0, 0))
 
-    def state_sum(self, tiled: bool = False) -> pl.BlockSpec:
+    def state_sum(self) -> pl.BlockSpec:
         """[batch, kv_heads, d]."""
-        if tiled:
-            return pl.BlockSpec((None, None, self.tile), lambda b, h, j: (b, self._kv_head(h), j))
         return pl.BlockSpec((None, None, self.d), lambda b, h, *_: (b, self._kv_head(h), 0))
+
+    def chunk_states(self, num_chunks: int) -> pl.BlockSpec:
+        """[batch, kv_heads, chunks, d, d]: every chunk's state, the ``tile`` columns of the third grid axis."""
+        return pl.BlockSpec((None, None, num_chunks, self.d, self.tile), lambda b, h, j: (b, h, 0, 0, j))
+
+    def chunk_sums(self, num_chunks: int) -> pl.BlockSpec:
+        """[batch, kv_heads, chunks, d]."""
+        return pl.BlockSpec((None, None, num_chunks, self.d), lambda b, h, *_: (b, h, 0, 0))
+
+    def state_of_chunk(self, per_chunk: bool) -> pl.BlockSpec:
+        """[batch, kv_heads, chunks, d, d] on a (batch, kv_heads, chunks) grid: the program's chunk, or the only one."""
+        return pl.BlockSpec((None, None, None, self.d, self.d), lambda b, h, c: (b, h, c if per_chunk else 0, 0, 0))
+
+    def sum_of_chunk(self, per_chunk: bool) -> pl.BlockSpec:
+        """[batch, kv_heads, chunks, d], as ``state_of_chunk``."""
+        return pl.BlockSpec((None, None, None, self.d), lambda b, h, c: (b, h, c if per_chunk else 0, 0))
 
 
 def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, d: int, **kwargs):
@@ -437,131 +365,99 @@ def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str,
     )
 
 
-def _tiles(cfg: _Config, d: int) -> tuple[int, int]:
-    """(key tile, value tile) of the causal kernels' head_dim grid axis."""
-    tile = min(d, cfg.tile)
-    # The softmax feature map normalises over the whole key row.
-    return (d if cfg.feature_map == "softmax" else tile), tile
-
-
 def _forward(cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum):
-    """Output, final state and (causal; None otherwise) the normaliser [batch, heads, seq] in fp32."""
+    """Output, final state and the normaliser den [batch, heads, seq] (fp32)."""
     batch, seq_len, heads, d = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
+    tile = min(d, cfg.tile)
     state_shapes = [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)]
+    den_shape = jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)
     if cfg.causal:
-        _, tile_v = _tiles(cfg, d)
-        sp = _Specs(seq_len, d, group, by_kv=False, tile=tile_v)
+        sp = _Specs(seq_len, d, group, by_kv=False, tile=tile)
         out, den, kv, ksum = _call(
-            _causal_fwd_kernel, cfg, (batch, heads, d // tile_v),
+            _causal_fwd_kernel, cfg, (batch, heads, d // tile),
             [sp.q(), sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()],
             [sp.q(tiled=True), sp.rows(), sp.state("cols"), sp.state_sum()],
-            [
-                jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32),
-                *state_shapes,
-            ],
+            [jax.ShapeDtypeStruct(q.shape, q.dtype), den_shape, *state_shapes],
             "linear_attention_causal_fwd", d, seq_len=seq_len, group=group,
         )(q, k, v, kv0, ksum0)
         return out, kv, ksum, den
-    spk = _Specs(seq_len, d, group, by_kv=True)
-    kv, ksum = _call(
-        _state_kernel, cfg, (batch, kv_heads),
-        [spk.kv(), spk.kv(), spk.state(), spk.state_sum()],
-        [spk.state(), spk.state_sum()],
-        state_shapes,
-        "linear_attention_state", d, seq_len=seq_len,
-    )(k, v, kv0, ksum0)
+    kv, ksum = _states(cfg, k, v, kv0, ksum0, per_chunk=False)
     sp = _Specs(seq_len, d, group, by_kv=False)
-    out = _call(
+    out, den = _call(
         _apply_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
         [sp.q(), sp.state(), sp.state_sum()],
-        sp.q(),
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        [sp.q(), sp.rows()],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), den_shape],
         "linear_attention_apply", d, seq_len=seq_len,
     )(q, kv, ksum)
-    return out, kv, ksum, None
+    return out, kv, ksum, den
 
 
-def _causal_backward(
-    cfg: _Config, q: QArray, k: KVArray, v: KVArray, out: QArray, den, kv0: StateKV, ksum0: StateSum, do: QArray,
-    dkv_final: StateKV, dksum_final: StateSum,
+def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum, per_chunk: bool):
+    """``_state_kernel``: the final state; with ``per_chunk`` also the state before every chunk (``kv`` in the
+    input dtype, ``[batch, kv_heads, chunks, d, d]``, and ``k_sum`` in fp32)."""
+    batch, seq_len, kv_heads, d = k.shape
+    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
+    sp = _Specs(seq_len, d, 1, by_kv=True, tile=tile)
+    out_specs = [sp.state("cols"), sp.state_sum()]
+    out_shape = [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)]
+    if per_chunk:
+        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
+        out_shape += [
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d, d), k.dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d), jnp.float32),
+        ]
+    outs = _call(
+        _state_kernel, cfg, (batch, kv_heads, d // tile),
+        [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
+        "linear_attention_states", d, seq_len=seq_len,
+    )(k, v, kv0, ksum0)
+    return outs if per_chunk else outs[:2]
+
+
+def _backward(
+    cfg: _Config, q: QArray, k: KVArray, v: KVArray, out: QArray, den, kv_state: StateKV, ksum_state: StateSum,
+    do: QArray, dkv_final: StateKV, dksum_final: StateSum,
 ) -> tuple[QArray, KVArray, KVArray, StateKV, StateSum]:
-    """Cotangents of (q, k, v, initial kv, initial k_sum) from the inputs, output, normaliser and initial state."""
+    """Cotangents of (q, k, v, initial kv, initial k_sum). ``(kv_state, ksum_state)`` is the initial state if
+    causal (the walk replays the state of every chunk from it), the final one otherwise."""
     batch, seq_len, heads, d = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
-    tile_k, tile_v = _tiles(cfg, d)
-    common = dict(seq_len=seq_len)
-    sp = _Specs(seq_len, d, group, by_kv=False, tile=tile_k)
-    dq, r = _call(
-        _causal_dq_kernel, cfg, (batch, heads, d // tile_k),
-        [sp.q(tiled=True), sp.kv(tiled=True), sp.kv(), sp.q(), sp.q(), sp.rows(), sp.state("rows"),
-         sp.state_sum(tiled=True)],
-        [sp.q(tiled=True), sp.rows()],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, jnp.float32)],
-        "linear_attention_causal_dq", d, **common,
-    )(q, k, v, do, out, den, kv0, ksum0)
-    spk = _Specs(seq_len, d, group, by_kv=True, tile=tile_k)
-    dk, dkv0, dksum0 = _call(
-        _causal_dk_kernel, cfg, (batch, kv_heads, d // tile_k),
-        [spk.q(tiled=True), spk.kv(tiled=True), spk.kv(), spk.q(), spk.rows(), spk.rows(), spk.state("rows"),
-         spk.state_sum(tiled=True)],
-        [spk.kv(tiled=True), spk.state("rows"), spk.state_sum(tiled=True)],
-        [
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(kv0.shape, jnp.float32),
-            jax.ShapeDtypeStruct(ksum0.shape, jnp.float32),
-        ],
-        "linear_attention_causal_dk", d, group=group, **common,
-    )(q, k, v, do, den, r, dkv_final, dksum_final)
-    spv = _Specs(seq_len, d, group, by_kv=True, tile=tile_v)
-    dv = _call(
-        _causal_dv_kernel, cfg, (batch, kv_heads, d // tile_v),
-        [spv.q(), spv.kv(), spv.q(tiled=True), spv.rows(), spv.state("cols")],
-        spv.kv(tiled=True),
-        jax.ShapeDtypeStruct(v.shape, v.dtype),
-        "linear_attention_causal_dv", d, group=group, **common,
-    )(q, k, do, den, dkv_final)
-    return dq, dk, dv, dkv0, dksum0
+    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
+    causal = cfg.causal
+    r = -jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32)) / den
+    if causal:
+        _, _, kv_chunks, ksum_chunks = _states(cfg, k, v, kv_state, ksum_state, per_chunk=True)
+    else:
+        kv_chunks, ksum_chunks = kv_state[:, :, None].astype(k.dtype), ksum_state[:, :, None]
 
-
-def _noncausal_backward(
-    cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv: StateKV, ksum: StateSum, do: QArray,
-    dkv_final: StateKV, dksum_final: StateSum,
-) -> tuple[QArray, KVArray, KVArray, StateKV, StateSum]:
-    """Cotangents of (q, k, v, initial kv, initial k_sum) from the inputs and the final state."""
-    batch, seq_len, heads, d = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    common = dict(seq_len=seq_len)
-    sp = _Specs(seq_len, d, group, by_kv=False)
-    spk = _Specs(seq_len, d, group, by_kv=True)
-    rows_shape = jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)
-    blocks = pl.cdiv(seq_len, cfg.chunk)
-    dq, den, r = _call(
-        _dq_kernel, cfg, (batch, heads, blocks),
-        [sp.q(), sp.q(), sp.state(), sp.state_sum()],
-        [sp.q(), sp.rows(), sp.rows()],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), rows_shape, rows_shape],
-        "linear_attention_dq", d, **common,
-    )(q, do, kv, ksum)
-    u, w = _call(
-        _state_grad_kernel, cfg, (batch, kv_heads),
-        [spk.q(), spk.q(), spk.rows(), spk.rows(), spk.state(), spk.state_sum()],
-        [spk.state(), spk.state_sum()],
-        [jax.ShapeDtypeStruct(kv.shape, jnp.float32), jax.ShapeDtypeStruct(ksum.shape, jnp.float32)],
-        "linear_attention_state_grad", d, group=group, **common,
+    sp = _Specs(seq_len, d, group, by_kv=True, tile=tile)
+    out_specs = [sp.state("cols"), sp.state_sum()]
+    out_shape = [jax.ShapeDtypeStruct(kv_state.shape, jnp.float32), jax.ShapeDtypeStruct(ksum_state.shape, jnp.float32)]
+    if causal:
+        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
+        out_shape += [
+            jax.ShapeDtypeStruct(kv_chunks.shape, k.dtype), jax.ShapeDtypeStruct(ksum_chunks.shape, jnp.float32)
+        ]
+    dkv0, dksum0, *chunks = _call(
+        _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
+        [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
+        "linear_attention_state_grads", d, seq_len=seq_len, group=group,
     )(q, do, den, r, dkv_final, dksum_final)
-    dk, dv = _call(
-        _dkv_kernel, cfg, (batch, kv_heads, blocks),
-        [spk.kv(), spk.kv(), spk.state(), spk.state_sum()],
-        [spk.kv(), spk.kv()],
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        "linear_attention_dkv", d, **common,
-    )(k, v, u, w)
-    return dq, dk, dv, u, w
+    u_chunks, w_chunks = chunks if causal else (dkv0[:, :, None].astype(k.dtype), dksum0[:, :, None])
+
+    dq, dk, dv = _call(
+        _chunk_grad_kernel, cfg, (batch, kv_heads, num_chunks),
+        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(causal), sp.sum_of_chunk(causal),
+         sp.state_of_chunk(causal), sp.sum_of_chunk(causal)],
+        [sp.q(), sp.kv(), sp.kv()],
+        [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
+        "linear_attention_chunk_grads", d, seq_len=seq_len, group=group, causal=causal,
+    )(q, k, v, do, den, r, kv_chunks, ksum_chunks, u_chunks, w_chunks)
+    return dq, dk, dv, dkv0, dksum0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -573,16 +469,14 @@ def _linear_attention(
 
 def _linear_attention_fwd(cfg: _Config, q, k, v, kv0, ksum0):
     out, kv, ksum, den = _forward(cfg, q, k, v, kv0, ksum0)
-    # Causal backward replays the state from the initial one and reads the output and normaliser (all O(seq));
-    # non-causal needs only the final state.
-    residuals = (q, k, v, out, den, kv0, ksum0) if cfg.causal else (q, k, v, kv, ksum)
+    # All O(seq) besides the O(1) state: causal backward replays every chunk's state from the initial one,
+    # non-causal backward needs only the final state.
+    residuals = (q, k, v, out, den, *((kv0, ksum0) if cfg.causal else (kv, ksum)))
     return (out, kv, ksum), residuals
 
 
 def _linear_attention_bwd(cfg: _Config, residuals, cotangents):
-    cfg = cfg._replace(chunk=cfg.chunk_bwd)
-    backward = _causal_backward if cfg.causal else _noncausal_backward
-    return backward(cfg, *residuals, *cotangents)
+    return _backward(cfg._replace(chunk=cfg.chunk_bwd), *residuals, *cotangents)
 
 
 _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
