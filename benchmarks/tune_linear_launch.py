@@ -16,7 +16,9 @@ from complexity_jax.bench import Shape
 from complexity_jax.profiling import median_ms
 from pallas_kernels._triton import linear
 
-BACKWARD_KERNELS = ("linear_attention_states", "linear_attention_state_grads", "linear_attention_chunk_grads")
+BACKWARD_KERNELS = (
+    "linear_attention_states", "linear_attention_state_grads", "linear_attention_chunk_dq", "linear_attention_chunk_dkdv"
+)
 VARIANTS = [(8, 2, 128), (8, 2, 64), (4, 2, 64), (4, 2, 128), (8, 3, 64), (4, 3, 64), (8, 2, 32)]  # (warps, stages, chunk)
 
 

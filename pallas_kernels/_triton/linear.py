@@ -155,7 +155,8 @@ def _causal_fwd_kernel(
 #   _state_kernel (forward walk):       S_c, z_c = the state before chunk c (causal) -- also the non-causal forward;
 #   _state_grad_kernel (reverse walk):  U_c, w_c = the state cotangent after chunk c: dS_final + sum over the
 #                                       queries of later chunks of a_i g_i^T (and r_i a_i), summed over the group;
-#   _chunk_grad_kernel (all chunks at once): dq, dk, dv of one chunk from its states and its own rows.
+#   _chunk_dq_kernel, _chunk_dkdv_kernel (all chunks at once): dq (from S_c, z_c) and dk, dv (from U_c, w_c) of
+#                                       one chunk and its own rows.
 # With g_i = do_i / den_i and r_i = -do_i . out_i / den_i (the cotangents of the numerator and the normaliser):
 #   d a_i = S_c g_i + r_i z_c + sum_{j <= i in chunk} (g_i . v_j + r_i) b_j
 #   d b_j = U_c v_j + w_c + sum_{i >= j in chunk} (g_i . v_j + r_i) a_i
@@ -230,12 +231,36 @@ def _state_grad_kernel(
     plgpu.store(w_ref, w, mask=jnp.broadcast_to(first_tile, (d,)))
 
 
-def _chunk_grad_kernel(
-    q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, s_ref, z_ref, u_ref, w_ref, dq_ref, dk_ref, dv_ref, *,
-    feature_map, seq_len, chunk, group, causal,
+def _chunk_dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, s_ref, z_ref, dq_ref, *, feature_map, seq_len, chunk, causal,
 ):
-    """Grid (batch, kv_heads, chunks). dq of the chunk's queries of every head of the group, and dk, dv of its keys
-    summed over the group, from the chunk's (S, z) and (U, w) (see the section comment)."""
+    """Grid (batch, heads, chunks). dq of one chunk of one head from the chunk's (S, z) (see the section comment)."""
+    d = q_ref.shape[-1]
+    dot = functools.partial(_dot, dtype=q_ref.dtype)
+    start = pl.program_id(2) * chunk
+    rows = jnp.arange(chunk)
+    valid = start + rows < seq_len
+    mask = _row_mask(valid, d)
+    tile = (pl.ds(start, chunk), slice(None))
+    x = _load32(q_ref.at[tile], mask)
+    den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
+    r = _load(r_ref.at[pl.ds(start, chunk)], valid)
+    g = _load32(do_ref.at[tile], mask) / den[:, None]
+    da = dot(g, s_ref[...], trans_b=True) + r[:, None] * z_ref[...][None, :]
+    if causal:
+        _, b = _keys(k_ref.at[tile], mask, feature_map)
+        v = _load(v_ref.at[tile], mask)
+        m = jnp.where(rows[:, None] >= rows[None, :], dot(g, v, trans_b=True) + r[:, None], 0.0)
+        da = da + dot(m, b)
+    plgpu.store(dq_ref.at[tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask)
+
+
+def _chunk_dkdv_kernel(
+    q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, u_ref, w_ref, dk_ref, dv_ref, *, feature_map, seq_len, chunk, group,
+    causal,
+):
+    """Grid (batch, kv_heads, chunks). dk, dv of one chunk's keys, summed over the group's query heads, from the
+    chunk's (U, w) (see the section comment)."""
     d = k_ref.shape[-1]
     dot = functools.partial(_dot, dtype=k_ref.dtype)
     start = pl.program_id(2) * chunk
@@ -245,27 +270,23 @@ def _chunk_grad_kernel(
     tile = (pl.ds(start, chunk), slice(None))
     y, b = _keys(k_ref.at[tile], mask, feature_map)
     v = _load(v_ref.at[tile], mask)
-    s, z, u = s_ref[...], z_ref[...], u_ref[...]
-    tril = rows[:, None] >= rows[None, :]
+    u = u_ref[...]
+    db, dv = dot(v, u, trans_b=True) + w_ref[...][None, :], dot(b, u)
+    if causal:
+        tril = rows[:, None] >= rows[None, :]
 
-    def head(h, acc):
-        db, dv = acc
-        q_tile = (pl.ds(start, chunk), h, slice(None))
-        x = _load32(q_ref.at[q_tile], mask)
-        a = _phi(x, feature_map)
-        den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
-        r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
-        g = _load32(do_ref.at[q_tile], mask) / den[:, None]
-        da = dot(g, s, trans_b=True) + r[:, None] * z[None, :]
-        if causal:
+        def head(h, acc):
+            db, dv = acc
+            q_tile = (pl.ds(start, chunk), h, slice(None))
+            a = _phi(_load32(q_ref.at[q_tile], mask), feature_map)
+            den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
+            r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
+            g = _load32(do_ref.at[q_tile], mask) / den[:, None]
             m = jnp.where(tril, dot(g, v, trans_b=True) + r[:, None], 0.0)
-            da = da + dot(m, b)
-            db = db + dot(m, a, trans_a=True)
-            dv = dv + dot(jnp.where(tril, dot(a, b, trans_b=True), 0.0), g, trans_a=True)
-        plgpu.store(dq_ref.at[q_tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask)
-        return db, dv
+            att = jnp.where(tril, dot(a, b, trans_b=True), 0.0)
+            return db + dot(m, a, trans_a=True), dv + dot(att, g, trans_a=True)
 
-    db, dv = lax.fori_loop(0, group, head, (dot(v, u, trans_b=True) + w_ref[...][None, :], dot(b, u)))
+        db, dv = lax.fori_loop(0, group, head, (db, dv))
     plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
     plgpu.store(dv_ref.at[tile], dv.astype(dv_ref.dtype), mask=mask)
 
@@ -344,12 +365,14 @@ class _Specs:
         return pl.BlockSpec((None, None, num_chunks, self.d), lambda b, h, *_: (b, h, 0, 0))
 
     def state_of_chunk(self, per_chunk: bool) -> pl.BlockSpec:
-        """[batch, kv_heads, chunks, d, d] on a (batch, kv_heads, chunks) grid: the program's chunk, or the only one."""
-        return pl.BlockSpec((None, None, None, self.d, self.d), lambda b, h, c: (b, h, c if per_chunk else 0, 0, 0))
+        """[batch, kv_heads, chunks, d, d] on a (batch, head axis, chunks) grid: the program's chunk, or the only one."""
+        return pl.BlockSpec(
+            (None, None, None, self.d, self.d), lambda b, h, c: (b, self._kv_head(h), c if per_chunk else 0, 0, 0)
+        )
 
     def sum_of_chunk(self, per_chunk: bool) -> pl.BlockSpec:
         """[batch, kv_heads, chunks, d], as ``state_of_chunk``."""
-        return pl.BlockSpec((None, None, None, self.d), lambda b, h, c: (b, h, c if per_chunk else 0, 0))
+        return pl.BlockSpec((None, None, None, self.d), lambda b, h, c: (b, self._kv_head(h), c if per_chunk else 0, 0))
 
 
 def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, d: int, **kwargs):
@@ -417,46 +440,72 @@ def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum,
     return outs if per_chunk else outs[:2]
 
 
+def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV, dksum_final: StateSum):
+    """``_state_grad_kernel``: the initial-state cotangent; if causal also (U, w) after every chunk (``U`` in the
+    input dtype, ``[batch, kv_heads, chunks, d, d]``, ``w`` in fp32), else (U, w) is the initial-state cotangent."""
+    batch, seq_len, heads, d = q.shape
+    kv_heads = dkv_final.shape[1]
+    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
+    sp = _Specs(seq_len, d, heads // kv_heads, by_kv=True, tile=tile)
+    out_specs = [sp.state("cols"), sp.state_sum()]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dkv_final, dksum_final)]
+    if cfg.causal:
+        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
+        out_shape += [
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d, d), q.dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d), jnp.float32),
+        ]
+    dkv0, dksum0, *chunks = _call(
+        _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
+        [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
+        "linear_attention_state_grads", d, seq_len=seq_len, group=heads // kv_heads,
+    )(q, do, den, r, dkv_final, dksum_final)
+    u_chunks, w_chunks = chunks if cfg.causal else (dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None])
+    return dkv0, dksum0, u_chunks, w_chunks
+
+
+def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, kv_chunks, ksum_chunks) -> QArray:
+    """``_chunk_dq_kernel`` over all chunks of every head at once."""
+    batch, seq_len, heads, d = q.shape
+    sp = _Specs(seq_len, d, heads // k.shape[2], by_kv=False)
+    return _call(
+        _chunk_dq_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
+        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(cfg.causal),
+         sp.sum_of_chunk(cfg.causal)],
+        sp.q(), jax.ShapeDtypeStruct(q.shape, q.dtype), "linear_attention_chunk_dq", d, seq_len=seq_len,
+        causal=cfg.causal,
+    )(q, k, v, do, den, r, kv_chunks, ksum_chunks)
+
+
+def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, u_chunks, w_chunks):
+    """``_chunk_dkdv_kernel`` over all chunks of every KV head at once: (dk, dv)."""
+    batch, seq_len, heads, d = q.shape
+    kv_heads = k.shape[2]
+    sp = _Specs(seq_len, d, heads // kv_heads, by_kv=True)
+    return _call(
+        _chunk_dkdv_kernel, cfg, (batch, kv_heads, pl.cdiv(seq_len, cfg.chunk)),
+        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(cfg.causal),
+         sp.sum_of_chunk(cfg.causal)],
+        [sp.kv(), sp.kv()],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        "linear_attention_chunk_dkdv", d, seq_len=seq_len, group=heads // kv_heads, causal=cfg.causal,
+    )(q, k, v, do, den, r, u_chunks, w_chunks)
+
+
 def _backward(
     cfg: _Config, q: QArray, k: KVArray, v: KVArray, out: QArray, den, kv_state: StateKV, ksum_state: StateSum,
     do: QArray, dkv_final: StateKV, dksum_final: StateSum,
 ) -> tuple[QArray, KVArray, KVArray, StateKV, StateSum]:
     """Cotangents of (q, k, v, initial kv, initial k_sum). ``(kv_state, ksum_state)`` is the initial state if
     causal (the walk replays the state of every chunk from it), the final one otherwise."""
-    batch, seq_len, heads, d = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
-    causal = cfg.causal
     r = -jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32)) / den
-    if causal:
+    if cfg.causal:
         _, _, kv_chunks, ksum_chunks = _states(cfg, k, v, kv_state, ksum_state, per_chunk=True)
     else:
         kv_chunks, ksum_chunks = kv_state[:, :, None].astype(k.dtype), ksum_state[:, :, None]
-
-    sp = _Specs(seq_len, d, group, by_kv=True, tile=tile)
-    out_specs = [sp.state("cols"), sp.state_sum()]
-    out_shape = [jax.ShapeDtypeStruct(kv_state.shape, jnp.float32), jax.ShapeDtypeStruct(ksum_state.shape, jnp.float32)]
-    if causal:
-        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
-        out_shape += [
-            jax.ShapeDtypeStruct(kv_chunks.shape, k.dtype), jax.ShapeDtypeStruct(ksum_chunks.shape, jnp.float32)
-        ]
-    dkv0, dksum0, *chunks = _call(
-        _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
-        [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
-        "linear_attention_state_grads", d, seq_len=seq_len, group=group,
-    )(q, do, den, r, dkv_final, dksum_final)
-    u_chunks, w_chunks = chunks if causal else (dkv0[:, :, None].astype(k.dtype), dksum0[:, :, None])
-
-    dq, dk, dv = _call(
-        _chunk_grad_kernel, cfg, (batch, kv_heads, num_chunks),
-        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(causal), sp.sum_of_chunk(causal),
-         sp.state_of_chunk(causal), sp.sum_of_chunk(causal)],
-        [sp.q(), sp.kv(), sp.kv()],
-        [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
-        "linear_attention_chunk_grads", d, seq_len=seq_len, group=group, causal=causal,
-    )(q, k, v, do, den, r, kv_chunks, ksum_chunks, u_chunks, w_chunks)
+    dkv0, dksum0, u_chunks, w_chunks = _state_grads(cfg, q, do, den, r, dkv_final, dksum_final)
+    dq = _chunk_dq(cfg, q, k, v, do, den, r, kv_chunks, ksum_chunks)
+    dk, dv = _chunk_dkdv(cfg, q, k, v, do, den, r, u_chunks, w_chunks)
     return dq, dk, dv, dkv0, dksum0
 
 
