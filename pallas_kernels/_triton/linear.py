@@ -157,7 +157,8 @@ def _causal_fwd_kernel(
 #                                       queries of later chunks of a_i g_i^T (and r_i a_i), summed over the group;
 #   _chunk_dq_kernel, _chunk_dkdv_kernel (all chunks at once): dq (from S_c, z_c) and dk, dv (from U_c, w_c) of
 #                                       one chunk and its own rows.
-# With g_i = do_i / den_i and r_i = -do_i . out_i / den_i (the cotangents of the numerator and the normaliser):
+# With g_i = do_i / den_i and r_i = -do_i . out_i / den_i (the cotangents of the numerator and the normaliser;
+# the dq kernel, which runs first, writes r):
 #   d a_i = S_c g_i + r_i z_c + sum_{j <= i in chunk} (g_i . v_j + r_i) b_j
 #   d b_j = U_c v_j + w_c + sum_{i >= j in chunk} (g_i . v_j + r_i) a_i
 #   dv_j  = U_c^T b_j + sum_{i >= j in chunk} (a_i . b_j) g_i
@@ -232,9 +233,10 @@ def _state_grad_kernel(
 
 
 def _chunk_dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, s_ref, z_ref, dq_ref, *, feature_map, seq_len, chunk, causal,
+    q_ref, k_ref, v_ref, do_ref, out_ref, den_ref, s_ref, z_ref, dq_ref, r_ref, *, feature_map, seq_len, chunk, causal,
 ):
-    """Grid (batch, heads, chunks). dq of one chunk of one head from the chunk's (S, z) (see the section comment)."""
+    """Grid (batch, heads, chunks). dq of one chunk of one head from the chunk's (S, z) (see the section comment),
+    and r = -do . out / den of its queries for the other kernels."""
     d = q_ref.shape[-1]
     dot = functools.partial(_dot, dtype=q_ref.dtype)
     start = pl.program_id(2) * chunk
@@ -244,8 +246,11 @@ def _chunk_dq_kernel(
     tile = (pl.ds(start, chunk), slice(None))
     x = _load32(q_ref.at[tile], mask)
     den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
-    r = _load(r_ref.at[pl.ds(start, chunk)], valid)
-    g = _load32(do_ref.at[tile], mask) / den[:, None]
+    do = _load32(do_ref.at[tile], mask)
+    # Padded queries have do = 0, hence g = 0 and r = 0.
+    g = do / den[:, None]
+    r = -jnp.sum(do * _load32(out_ref.at[tile], mask), axis=1) / den
+    plgpu.store(r_ref.at[pl.ds(start, chunk)], r, mask=valid)
     da = dot(g, s_ref[...], trans_b=True) + r[:, None] * z_ref[...][None, :]
     if causal:
         _, b = _keys(k_ref.at[tile], mask, feature_map)
@@ -273,7 +278,8 @@ def _chunk_dkdv_kernel(
     u = u_ref[...]
     db, dv = dot(v, u, trans_b=True) + w_ref[...][None, :], dot(b, u)
     if causal:
-        tril = rows[:, None] >= rows[None, :]
+        # The in-chunk matrices are built transposed, [keys, queries], so that no dot transposes an operand.
+        later = rows[:, None] <= rows[None, :]
 
         def head(h, acc):
             db, dv = acc
@@ -282,9 +288,9 @@ def _chunk_dkdv_kernel(
             den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
             r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
             g = _load32(do_ref.at[q_tile], mask) / den[:, None]
-            m = jnp.where(tril, dot(g, v, trans_b=True) + r[:, None], 0.0)
-            att = jnp.where(tril, dot(a, b, trans_b=True), 0.0)
-            return db + dot(m, a, trans_a=True), dv + dot(att, g, trans_a=True)
+            m_t = jnp.where(later, dot(v, g, trans_b=True) + r[None, :], 0.0)
+            att_t = jnp.where(later, dot(b, a, trans_b=True), 0.0)
+            return db + dot(m_t, a), dv + dot(att_t, g)
 
         db, dv = lax.fori_loop(0, group, head, (db, dv))
     plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
@@ -464,17 +470,19 @@ def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV
     return dkv0, dksum0, u_chunks, w_chunks
 
 
-def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, kv_chunks, ksum_chunks) -> QArray:
-    """``_chunk_dq_kernel`` over all chunks of every head at once."""
+def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: QArray, den, kv_chunks,
+              ksum_chunks) -> tuple[QArray, Float[Array, "batch heads seq"]]:
+    """``_chunk_dq_kernel`` over all chunks of every head at once: dq and r."""
     batch, seq_len, heads, d = q.shape
     sp = _Specs(seq_len, d, heads // k.shape[2], by_kv=False)
     return _call(
         _chunk_dq_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
-        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(cfg.causal),
+        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.q(), sp.rows(), sp.state_of_chunk(cfg.causal),
          sp.sum_of_chunk(cfg.causal)],
-        sp.q(), jax.ShapeDtypeStruct(q.shape, q.dtype), "linear_attention_chunk_dq", d, seq_len=seq_len,
-        causal=cfg.causal,
-    )(q, k, v, do, den, r, kv_chunks, ksum_chunks)
+        [sp.q(), sp.rows()],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, jnp.float32)],
+        "linear_attention_chunk_dq", d, seq_len=seq_len, causal=cfg.causal,
+    )(q, k, v, do, out, den, kv_chunks, ksum_chunks)
 
 
 def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, u_chunks, w_chunks):
@@ -498,13 +506,12 @@ def _backward(
 ) -> tuple[QArray, KVArray, KVArray, StateKV, StateSum]:
     """Cotangents of (q, k, v, initial kv, initial k_sum). ``(kv_state, ksum_state)`` is the initial state if
     causal (the walk replays the state of every chunk from it), the final one otherwise."""
-    r = -jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32)) / den
     if cfg.causal:
         _, _, kv_chunks, ksum_chunks = _states(cfg, k, v, kv_state, ksum_state, per_chunk=True)
     else:
         kv_chunks, ksum_chunks = kv_state[:, :, None].astype(k.dtype), ksum_state[:, :, None]
+    dq, r = _chunk_dq(cfg, q, k, v, do, out, den, kv_chunks, ksum_chunks)
     dkv0, dksum0, u_chunks, w_chunks = _state_grads(cfg, q, do, den, r, dkv_final, dksum_final)
-    dq = _chunk_dq(cfg, q, k, v, do, den, r, kv_chunks, ksum_chunks)
     dk, dv = _chunk_dkdv(cfg, q, k, v, do, den, r, u_chunks, w_chunks)
     return dq, dk, dv, dkv0, dksum0
 
