@@ -2,7 +2,7 @@
 
 ``python benchmarks/profile_linear_bwd.py OUT.json SEQ_LEN``: batch 2, 32 heads (no GQA), head_dim 128, bf16, elu
 map. Rows: the forward, the forward state walk and the reverse state-cotangent walk per (tile, warps, stages), and
-the chunk-parallel dq and dk/dv kernels per (chunk, warps, chunks per program). The JSON is rewritten after every row.
+the chunk-parallel dq and dk/dv kernels per (chunk, warps). The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from complexity_jax.bench import Shape
 from complexity_jax.profiling import median_ms
 from pallas_kernels._triton import linear
 
-WALKS = [(64, 8, 2), (64, 8, 3)]  # (tile, warps, stages), chunk 128
-# (chunk, warps, chunks per program) of the chunk-parallel kernels
-CHUNK_KERNELS = [(128, 8, 1), (128, 8, 2), (128, 8, 4), (128, 8, 8), (64, 8, 1), (64, 8, 4), (64, 8, 8), (64, 4, 4)]
+WALKS = [(64, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 3), (32, 4, 3), (16, 4, 2)]  # (tile, warps, stages), chunk 128
+CHUNK_KERNELS = [(128, 8), (64, 8), (128, 4), (64, 4)]  # (chunk, warps) of the chunk-parallel kernels
 
 
 def main(out_path: str, seq_len: int) -> None:
@@ -56,10 +55,9 @@ def main(out_path: str, seq_len: int) -> None:
         walk_cfg, variant = config(128, tile), dict(chunk=128, tile=tile, warps=warps, stages=stages)
         record("states", variant, lambda k, v, c=walk_cfg: linear._states(c, k, v, kv0, ksum0, True), k, v)
         record("state_grads", variant, lambda *a, c=walk_cfg: linear._state_grads(c, *a, kv0, ksum0), q, do, den, r)
-    for chunk, warps, per_program in CHUNK_KERNELS:
+    for chunk, warps in CHUNK_KERNELS:
         launch(warps, 2)
-        linear._CHUNKS_PER_PROGRAM = per_program
-        chunk_cfg, variant = config(chunk, linear._TILE), dict(chunk=chunk, warps=warps, per_program=per_program)
+        chunk_cfg, variant = config(chunk, linear._TILE), dict(chunk=chunk, warps=warps)
         if chunk != 128:
             _, _, kv_c, ksum_c = jax.jit(lambda k, v, c=chunk_cfg: linear._states(c, k, v, kv0, ksum0, True))(k, v)
             _, _, u_c, w_c = jax.jit(lambda *a, c=chunk_cfg: linear._state_grads(c, *a, kv0, ksum0))(q, do, den, r)

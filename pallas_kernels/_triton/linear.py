@@ -42,8 +42,6 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 # 64 value columns per program of the state walks: (batch, heads, 2) programs at head_dim 128. Tests lower it to
 # cover several tiles.
 _TILE = 64
-# Chunks per program of the chunk-parallel backward kernels; to be measured (benchmarks/profile_linear_bwd.py).
-_CHUNKS_PER_PROGRAM = 4
 
 
 class _Config(NamedTuple):
@@ -234,91 +232,69 @@ def _state_grad_kernel(
     plgpu.store(w_ref, w, mask=jnp.broadcast_to(first_tile, (d,)))
 
 
-def _chunks_of_program(seq_len: int, chunk: int, body, carry=None):
-    """Runs ``body(c, carry)`` over the ``_CHUNKS_PER_PROGRAM`` chunks of this program (third grid axis), so that
-    the loads of one chunk overlap the dots of the previous one."""
-    first = pl.program_id(2) * _CHUNKS_PER_PROGRAM
-    count = jnp.minimum(_CHUNKS_PER_PROGRAM, pl.cdiv(seq_len, chunk) - first)
-    return lax.fori_loop(0, count, lambda i, c: body(first + i, c), carry)
-
-
 def _chunk_dq_kernel(
     q_ref, k_ref, v_ref, do_ref, out_ref, den_ref, s_ref, z_ref, dq_ref, r_ref, *, feature_map, seq_len, chunk, causal,
 ):
-    """Grid (batch, heads, chunk groups). dq of each chunk of one head from the chunk's (S, z) (see the section
-    comment), and r = -do . out / den of its queries for the other kernels. ``s_ref``/``z_ref`` hold every chunk's
-    state, or one for all (non-causal)."""
+    """Grid (batch, heads, chunks). dq of one chunk of one head from the chunk's (S, z) (see the section comment),
+    and r = -do . out / den of its queries for the other kernels."""
     d = q_ref.shape[-1]
     dot = functools.partial(_dot, dtype=q_ref.dtype)
+    start = pl.program_id(2) * chunk
     rows = jnp.arange(chunk)
-    tril = rows[:, None] >= rows[None, :]
-
-    def step(c, carry):
-        start = c * chunk
-        valid = start + rows < seq_len
-        mask = _row_mask(valid, d)
-        tile = (pl.ds(start, chunk), slice(None))
-        x = _load32(q_ref.at[tile], mask)
-        den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
-        do = _load32(do_ref.at[tile], mask)
-        # Padded queries have do = 0, hence g = 0 and r = 0.
-        g = do / den[:, None]
-        r = -jnp.sum(do * _load32(out_ref.at[tile], mask), axis=1) / den
-        plgpu.store(r_ref.at[pl.ds(start, chunk)], r, mask=valid)
-        state = jnp.minimum(c, s_ref.shape[0] - 1)
-        da = dot(g, s_ref[state], trans_b=True) + r[:, None] * z_ref[state][None, :]
-        if causal:
-            _, b = _keys(k_ref.at[tile], mask, feature_map)
-            v = _load(v_ref.at[tile], mask)
-            m = jnp.where(tril, dot(g, v, trans_b=True) + r[:, None], 0.0)
-            da = da + dot(m, b)
-        plgpu.store(dq_ref.at[tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask)
-        return carry
-
-    _chunks_of_program(seq_len, chunk, step)
+    valid = start + rows < seq_len
+    mask = _row_mask(valid, d)
+    tile = (pl.ds(start, chunk), slice(None))
+    x = _load32(q_ref.at[tile], mask)
+    den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
+    do = _load32(do_ref.at[tile], mask)
+    # Padded queries have do = 0, hence g = 0 and r = 0.
+    g = do / den[:, None]
+    r = -jnp.sum(do * _load32(out_ref.at[tile], mask), axis=1) / den
+    plgpu.store(r_ref.at[pl.ds(start, chunk)], r, mask=valid)
+    da = dot(g, s_ref[...], trans_b=True) + r[:, None] * z_ref[...][None, :]
+    if causal:
+        _, b = _keys(k_ref.at[tile], mask, feature_map)
+        v = _load(v_ref.at[tile], mask)
+        m = jnp.where(rows[:, None] >= rows[None, :], dot(g, v, trans_b=True) + r[:, None], 0.0)
+        da = da + dot(m, b)
+    plgpu.store(dq_ref.at[tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask)
 
 
 def _chunk_dkdv_kernel(
     q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, u_ref, w_ref, dk_ref, dv_ref, *, feature_map, seq_len, chunk, group,
     causal,
 ):
-    """Grid (batch, kv_heads, chunk groups). dk, dv of each chunk's keys, summed over the group's query heads, from
-    the chunk's (U, w) (see the section comment); ``u_ref``/``w_ref`` as the dq kernel's states."""
+    """Grid (batch, kv_heads, chunks). dk, dv of one chunk's keys, summed over the group's query heads, from the
+    chunk's (U, w) (see the section comment)."""
     d = k_ref.shape[-1]
     dot = functools.partial(_dot, dtype=k_ref.dtype)
+    start = pl.program_id(2) * chunk
     rows = jnp.arange(chunk)
-    # The in-chunk matrices are built transposed, [keys, queries], so that no dot transposes an operand.
-    later = rows[:, None] <= rows[None, :]
+    valid = start + rows < seq_len
+    mask = _row_mask(valid, d)
+    tile = (pl.ds(start, chunk), slice(None))
+    y, b = _keys(k_ref.at[tile], mask, feature_map)
+    v = _load(v_ref.at[tile], mask)
+    u = u_ref[...]
+    db, dv = dot(v, u, trans_b=True) + w_ref[...][None, :], dot(b, u)
+    if causal:
+        # The in-chunk matrices are built transposed, [keys, queries], so that no dot transposes an operand.
+        later = rows[:, None] <= rows[None, :]
 
-    def step(c, carry):
-        start = c * chunk
-        valid = start + rows < seq_len
-        mask = _row_mask(valid, d)
-        tile = (pl.ds(start, chunk), slice(None))
-        y, b = _keys(k_ref.at[tile], mask, feature_map)
-        v = _load(v_ref.at[tile], mask)
-        state = jnp.minimum(c, u_ref.shape[0] - 1)
-        u = u_ref[state]
-        db, dv = dot(v, u, trans_b=True) + w_ref[state][None, :], dot(b, u)
-        if causal:
+        def head(h, acc):
+            db, dv = acc
+            q_tile = (pl.ds(start, chunk), h, slice(None))
+            a = _phi(_load32(q_ref.at[q_tile], mask), feature_map)
+            den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
+            r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
+            g = _load32(do_ref.at[q_tile], mask) / den[:, None]
+            m_t = jnp.where(later, dot(v, g, trans_b=True) + r[None, :], 0.0)
+            att_t = jnp.where(later, dot(b, a, trans_b=True), 0.0)
+            return db + dot(m_t, a), dv + dot(att_t, g)
 
-            def head(h, acc):
-                db, dv = acc
-                q_tile = (pl.ds(start, chunk), h, slice(None))
-                a = _phi(_load32(q_ref.at[q_tile], mask), feature_map)
-                den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
-                r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
-                g = _load32(do_ref.at[q_tile], mask) / den[:, None]
-                m_t = jnp.where(later, dot(v, g, trans_b=True) + r[None, :], 0.0)
-                att_t = jnp.where(later, dot(b, a, trans_b=True), 0.0)
-                return db + dot(m_t, a), dv + dot(att_t, g)
-
-            db, dv = lax.fori_loop(0, group, head, (db, dv))
-        plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
-        plgpu.store(dv_ref.at[tile], dv.astype(dv_ref.dtype), mask=mask)
-        return carry
-
-    _chunks_of_program(seq_len, chunk, step)
+        db, dv = lax.fori_loop(0, group, head, (db, dv))
+    plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
+    plgpu.store(dv_ref.at[tile], dv.astype(dv_ref.dtype), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,13 +370,15 @@ class _Specs:
         """[batch, kv_heads, chunks, d]."""
         return pl.BlockSpec((None, None, num_chunks, self.d), lambda b, h, *_: (b, h, 0, 0))
 
-    def all_chunk_states(self, num_states: int) -> pl.BlockSpec:
-        """[batch, kv_heads, states, d, d]: every chunk's state (or the one of all chunks), whole."""
-        return pl.BlockSpec((None, None, num_states, self.d, self.d), lambda b, h, *_: (b, self._kv_head(h), 0, 0, 0))
+    def state_of_chunk(self, per_chunk: bool) -> pl.BlockSpec:
+        """[batch, kv_heads, chunks, d, d] on a (batch, head axis, chunks) grid: the program's chunk, or the only one."""
+        return pl.BlockSpec(
+            (None, None, None, self.d, self.d), lambda b, h, c: (b, self._kv_head(h), c if per_chunk else 0, 0, 0)
+        )
 
-    def all_chunk_sums(self, num_states: int) -> pl.BlockSpec:
-        """[batch, kv_heads, states, d], whole."""
-        return pl.BlockSpec((None, None, num_states, self.d), lambda b, h, *_: (b, self._kv_head(h), 0, 0))
+    def sum_of_chunk(self, per_chunk: bool) -> pl.BlockSpec:
+        """[batch, kv_heads, chunks, d], as ``state_of_chunk``."""
+        return pl.BlockSpec((None, None, None, self.d), lambda b, h, c: (b, self._kv_head(h), c if per_chunk else 0, 0))
 
 
 def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, d: int, **kwargs):
@@ -492,19 +470,15 @@ def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV
     return dkv0, dksum0, u_chunks, w_chunks
 
 
-def _chunk_groups(seq_len: int, chunk: int) -> int:
-    return pl.cdiv(pl.cdiv(seq_len, chunk), _CHUNKS_PER_PROGRAM)
-
-
 def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: QArray, den, kv_chunks,
               ksum_chunks) -> tuple[QArray, Float[Array, "batch heads seq"]]:
     """``_chunk_dq_kernel`` over all chunks of every head at once: dq and r."""
     batch, seq_len, heads, d = q.shape
     sp = _Specs(seq_len, d, heads // k.shape[2], by_kv=False)
-    n = kv_chunks.shape[2]
     return _call(
-        _chunk_dq_kernel, cfg, (batch, heads, _chunk_groups(seq_len, cfg.chunk)),
-        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.q(), sp.rows(), sp.all_chunk_states(n), sp.all_chunk_sums(n)],
+        _chunk_dq_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
+        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.q(), sp.rows(), sp.state_of_chunk(cfg.causal),
+         sp.sum_of_chunk(cfg.causal)],
         [sp.q(), sp.rows()],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, jnp.float32)],
         "linear_attention_chunk_dq", d, seq_len=seq_len, causal=cfg.causal,
@@ -516,10 +490,10 @@ def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den
     batch, seq_len, heads, d = q.shape
     kv_heads = k.shape[2]
     sp = _Specs(seq_len, d, heads // kv_heads, by_kv=True)
-    n = u_chunks.shape[2]
     return _call(
-        _chunk_dkdv_kernel, cfg, (batch, kv_heads, _chunk_groups(seq_len, cfg.chunk)),
-        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.all_chunk_states(n), sp.all_chunk_sums(n)],
+        _chunk_dkdv_kernel, cfg, (batch, kv_heads, pl.cdiv(seq_len, cfg.chunk)),
+        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(cfg.causal),
+         sp.sum_of_chunk(cfg.causal)],
         [sp.kv(), sp.kv()],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         "linear_attention_chunk_dkdv", d, seq_len=seq_len, group=heads // kv_heads, causal=cfg.causal,
