@@ -17,8 +17,8 @@ from complexity_jax.bench import Shape
 from complexity_jax.profiling import median_ms
 from pallas_kernels._triton import linear
 
-WALKS = [(64, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 3), (32, 4, 3), (16, 4, 2)]  # (tile, warps, stages), chunk 128
-CHUNK_KERNELS = [(128, 8), (64, 8), (128, 4), (64, 4)]  # (chunk, warps) of the chunk-parallel kernels
+WALKS = [(64, 8, 2), (64, 8, 3)]  # (tile, warps, stages), chunk 128
+CHUNK_KERNELS = [(128, 8), (64, 8), (64, 4)]  # (chunk, warps) of the chunk-parallel kernels
 
 
 def main(out_path: str, seq_len: int) -> None:

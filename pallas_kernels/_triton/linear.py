@@ -42,6 +42,8 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 # 64 value columns per program of the state walks: (batch, heads, 2) programs at head_dim 128. Tests lower it to
 # cover several tiles.
 _TILE = 64
+# Pipeline stages of the two state walks: 3 measured 4% / 8% faster than 2 on an H200 (BENCHMARKS.md).
+_WALK_STAGES = 3
 
 
 class _Config(NamedTuple):
@@ -186,7 +188,7 @@ def _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *chunk_ref
             kv_chunks_ref, ksum_chunks_ref = chunk_refs
             kv_chunks_ref[c] = s.astype(kv_chunks_ref.dtype)
             plgpu.store(ksum_chunks_ref.at[c], z, mask=jnp.broadcast_to(first_tile, (d,)))
-        return s + dot(b, v, trans_a=True), z + jnp.sum(b, axis=0)
+        return s + dot(b.astype(k_ref.dtype), v, trans_a=True), z + jnp.sum(b, axis=0)
 
     s, z = lax.fori_loop(0, pl.cdiv(seq_len, chunk), body, (kv0_ref[...], ksum0_ref[...]))
     kv_ref[...] = s
@@ -222,8 +224,8 @@ def _state_grad_kernel(
             den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
             r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
             # Padded queries have do = 0 and r = 0, so they add nothing.
-            g = _load32(do_ref.at[q_tile], _row_mask(valid, tile_v)) / den[:, None]
-            return u + dot(a, g, trans_a=True), w + jnp.sum(r[:, None] * a, axis=0)
+            g = (_load32(do_ref.at[q_tile], _row_mask(valid, tile_v)) / den[:, None]).astype(q_ref.dtype)
+            return u + dot(a.astype(q_ref.dtype), g, trans_a=True), w + jnp.sum(r[:, None] * a, axis=0)
 
         return lax.fori_loop(0, group, head, carry)
 
@@ -244,19 +246,20 @@ def _chunk_dq_kernel(
     valid = start + rows < seq_len
     mask = _row_mask(valid, d)
     tile = (pl.ds(start, chunk), slice(None))
-    x = _load32(q_ref.at[tile], mask)
     den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
     do = _load32(do_ref.at[tile], mask)
     # Padded queries have do = 0, hence g = 0 and r = 0.
-    g = do / den[:, None]
     r = -jnp.sum(do * _load32(out_ref.at[tile], mask), axis=1) / den
     plgpu.store(r_ref.at[pl.ds(start, chunk)], r, mask=valid)
+    # Tiles that only feed dots are kept in the input dtype: half the registers of fp32 copies.
+    g = (do / den[:, None]).astype(q_ref.dtype)
     da = dot(g, s_ref[...], trans_b=True) + r[:, None] * z_ref[...][None, :]
     if causal:
-        _, b = _keys(k_ref.at[tile], mask, feature_map)
+        b = _keys(k_ref.at[tile], mask, feature_map)[1].astype(q_ref.dtype)
         v = _load(v_ref.at[tile], mask)
         m = jnp.where(rows[:, None] >= rows[None, :], dot(g, v, trans_b=True) + r[:, None], 0.0)
         da = da + dot(m, b)
+    x = _load32(q_ref.at[tile], mask)
     plgpu.store(dq_ref.at[tile], _phi_vjp(x, da, feature_map).astype(dq_ref.dtype), mask=mask)
 
 
@@ -273,7 +276,8 @@ def _chunk_dkdv_kernel(
     valid = start + rows < seq_len
     mask = _row_mask(valid, d)
     tile = (pl.ds(start, chunk), slice(None))
-    y, b = _keys(k_ref.at[tile], mask, feature_map)
+    # Tiles that only feed dots are kept in the input dtype: half the registers of fp32 copies.
+    b = _keys(k_ref.at[tile], mask, feature_map)[1].astype(k_ref.dtype)
     v = _load(v_ref.at[tile], mask)
     u = u_ref[...]
     db, dv = dot(v, u, trans_b=True) + w_ref[...][None, :], dot(b, u)
@@ -284,15 +288,16 @@ def _chunk_dkdv_kernel(
         def head(h, acc):
             db, dv = acc
             q_tile = (pl.ds(start, chunk), h, slice(None))
-            a = _phi(_load32(q_ref.at[q_tile], mask), feature_map)
+            a = _phi(_load32(q_ref.at[q_tile], mask), feature_map).astype(k_ref.dtype)
             den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
             r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
-            g = _load32(do_ref.at[q_tile], mask) / den[:, None]
-            m_t = jnp.where(later, dot(v, g, trans_b=True) + r[None, :], 0.0)
-            att_t = jnp.where(later, dot(b, a, trans_b=True), 0.0)
+            g = (_load32(do_ref.at[q_tile], mask) / den[:, None]).astype(k_ref.dtype)
+            m_t = jnp.where(later, dot(v, g, trans_b=True) + r[None, :], 0.0).astype(k_ref.dtype)
+            att_t = jnp.where(later, dot(b, a, trans_b=True), 0.0).astype(k_ref.dtype)
             return db + dot(m_t, a), dv + dot(att_t, g)
 
         db, dv = lax.fori_loop(0, group, head, (db, dv))
+    y = _load32(k_ref.at[tile], mask)
     plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
     plgpu.store(dv_ref.at[tile], dv.astype(dv_ref.dtype), mask=mask)
 
@@ -381,14 +386,14 @@ class _Specs:
         return pl.BlockSpec((None, None, None, self.d), lambda b, h, c: (b, self._kv_head(h), c if per_chunk else 0, 0))
 
 
-def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, d: int, **kwargs):
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, d: int, stages: int = 2, **kwargs):
     return pl.pallas_call(
         functools.partial(kernel, feature_map=cfg.feature_map, chunk=cfg.chunk, **kwargs),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=compiler_params(num_warps=4 if d <= 64 else 8, num_stages=2),
+        compiler_params=compiler_params(num_warps=4 if d <= 64 else 8, num_stages=stages),
         interpret=cfg.interpret,
         name=name,
     )
@@ -441,7 +446,7 @@ def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum,
     outs = _call(
         _state_kernel, cfg, (batch, kv_heads, d // tile),
         [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
-        "linear_attention_states", d, seq_len=seq_len,
+        "linear_attention_states", d, stages=_WALK_STAGES, seq_len=seq_len,
     )(k, v, kv0, ksum0)
     return outs if per_chunk else outs[:2]
 
@@ -464,7 +469,7 @@ def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV
     dkv0, dksum0, *chunks = _call(
         _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
         [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
-        "linear_attention_state_grads", d, seq_len=seq_len, group=heads // kv_heads,
+        "linear_attention_state_grads", d, stages=_WALK_STAGES, seq_len=seq_len, group=heads // kv_heads,
     )(q, do, den, r, dkv_final, dksum_final)
     u_chunks, w_chunks = chunks if cfg.causal else (dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None])
     return dkv0, dksum0, u_chunks, w_chunks
