@@ -42,8 +42,6 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 # 64 value columns per program of the state walks: (batch, heads, 2) programs at head_dim 128. Tests lower it to
 # cover several tiles.
 _TILE = 64
-# Pipeline stages of the two state walks: 3 measured 4% / 8% faster than 2 on an H200 (BENCHMARKS.md).
-_WALK_STAGES = 3
 
 
 class _Config(NamedTuple):
@@ -386,14 +384,14 @@ class _Specs:
         return pl.BlockSpec((None, None, None, self.d), lambda b, h, c: (b, self._kv_head(h), c if per_chunk else 0, 0))
 
 
-def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, d: int, stages: int = 2, **kwargs):
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, d: int, **kwargs):
     return pl.pallas_call(
         functools.partial(kernel, feature_map=cfg.feature_map, chunk=cfg.chunk, **kwargs),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=compiler_params(num_warps=4 if d <= 64 else 8, num_stages=stages),
+        compiler_params=compiler_params(num_warps=4 if d <= 64 else 8, num_stages=2),
         interpret=cfg.interpret,
         name=name,
     )
@@ -446,7 +444,7 @@ def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum,
     outs = _call(
         _state_kernel, cfg, (batch, kv_heads, d // tile),
         [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
-        "linear_attention_states", d, stages=_WALK_STAGES, seq_len=seq_len,
+        "linear_attention_states", d, seq_len=seq_len,
     )(k, v, kv0, ksum0)
     return outs if per_chunk else outs[:2]
 
@@ -469,7 +467,7 @@ def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV
     dkv0, dksum0, *chunks = _call(
         _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
         [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
-        "linear_attention_state_grads", d, stages=_WALK_STAGES, seq_len=seq_len, group=heads // kv_heads,
+        "linear_attention_state_grads", d, seq_len=seq_len, group=heads // kv_heads,
     )(q, do, den, r, dkv_final, dksum_final)
     u_chunks, w_chunks = chunks if cfg.causal else (dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None])
     return dkv0, dksum0, u_chunks, w_chunks
