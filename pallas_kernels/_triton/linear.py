@@ -158,31 +158,22 @@ def _causal_fwd_kernel(
 #   _chunk_dq_kernel, _chunk_dkdv_kernel (all chunks at once): dq (from S_c, z_c) and dk, dv (from U_c, w_c) of
 #                                       one chunk and its own rows.
 # With g_i = do_i / den_i and r_i = -do_i . out_i / den_i (the cotangents of the numerator and the normaliser;
-# the reverse walk writes r):
+# the dq kernel, which runs first, writes r):
 #   d a_i = S_c g_i + r_i z_c + sum_{j <= i in chunk} (g_i . v_j + r_i) b_j
 #   d b_j = U_c v_j + w_c + sum_{i >= j in chunk} (g_i . v_j + r_i) a_i
 #   dv_j  = U_c^T b_j + sum_{i >= j in chunk} (a_i . b_j) g_i
 # Non-causal is the same with one "chunk": S, z the final state, U, w the totals, no in-chunk sums.
-# The walks carry one value-column tile of the state each, so (batch, kv_heads, d / tile) programs run each; the
-# causal backward launches both walks as one grid (``_walks_kernel``): they are independent, and side by side
-# they fill twice as many SMs.
+# The walks carry one value-column tile of the state each, so (batch, kv_heads, d / tile) programs run them.
 
 
-def _tile_index(d: int, tile: int) -> jax.Array:
-    """The value-column tile of this program: the third grid axis modulo the tiles (``_walks_kernel`` doubles it)."""
-    return lax.rem(pl.program_id(2), d // tile)
-
-
-def _state_kernel(
-    k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *chunk_refs, feature_map, seq_len, chunk, tile_index=None
-):
+def _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *chunk_refs, feature_map, seq_len, chunk):
     """Grid (batch, kv_heads, value tiles). S[:, tile] = S0[:, tile] + sum_j b_j v_j[tile]^T and z = z0 + sum_j b_j;
-    with ``chunk_refs`` also the state before every chunk (z from tile 0). ``tile_index``: see ``_walks_kernel``."""
+    with ``chunk_refs`` also the state before every chunk (z from tile 0)."""
     d = k_ref.shape[-1]
     tile_v = v_ref.shape[-1]
     dot = functools.partial(_dot, dtype=k_ref.dtype)
     rows = jnp.arange(chunk)
-    first_tile = (_tile_index(d, tile_v) if tile_index is None else tile_index) == 0
+    first_tile = pl.program_id(2) == 0
 
     def body(c, carry):
         s, z = carry
@@ -203,26 +194,22 @@ def _state_kernel(
 
 
 def _state_grad_kernel(
-    q_ref, do_ref, out_ref, den_ref, dkv_ref, dksum_ref, u_ref, w_ref, r_ref, *chunk_refs, feature_map, seq_len, chunk,
-    group, tile_index=None,
+    q_ref, do_ref, den_ref, r_ref, dkv_ref, dksum_ref, u_ref, w_ref, *chunk_refs, feature_map, seq_len, chunk, group,
 ):
     """Grid (batch, kv_heads, value tiles). Walks the chunks in reverse from the final-state cotangent, adding
     sum_{h in group, i} a_i g_i[tile]^T to U[:, tile] and r_i a_i to w; ends with the cotangent of the initial state.
-    Writes r (tile 0) and, with ``chunk_refs``, (U, w) after every chunk, before its own queries are added.
-    ``tile_index``: see ``_walks_kernel``."""
+    With ``chunk_refs`` also (U, w) after every chunk, before its own queries are added (w from tile 0)."""
     d = q_ref.shape[-1]
-    tile_v = u_ref.shape[-1]
+    tile_v = do_ref.shape[-1]
     dot = functools.partial(_dot, dtype=q_ref.dtype)
     rows = jnp.arange(chunk)
-    tile_index = _tile_index(d, tile_v) if tile_index is None else tile_index
-    first_tile = tile_index == 0
+    first_tile = pl.program_id(2) == 0
     num_chunks = pl.cdiv(seq_len, chunk)
 
     def body(i, carry):
         c = num_chunks - 1 - i
         start = c * chunk
         valid = start + rows < seq_len
-        mask = _row_mask(valid, d)
         if chunk_refs:
             u_chunks_ref, w_chunks_ref = chunk_refs
             u_chunks_ref[c] = carry[0].astype(u_chunks_ref.dtype)
@@ -230,14 +217,12 @@ def _state_grad_kernel(
 
         def head(h, acc):
             u, w = acc
-            q_tile = (pl.ds(start, chunk), h)
-            a = _phi(_load32(q_ref.at[q_tile], mask), feature_map)
+            q_tile = (pl.ds(start, chunk), h, slice(None))
+            a = _phi(_load32(q_ref.at[q_tile], _row_mask(valid, d)), feature_map)
             den = _load(den_ref.at[h, pl.ds(start, chunk)], valid, other=1.0)
-            # Padded queries have do = 0, hence r = 0 and g = 0: they add nothing.
-            r = -jnp.sum(_load32(do_ref.at[q_tile], mask) * _load32(out_ref.at[q_tile], mask), axis=1) / den
-            plgpu.store(r_ref.at[h, pl.ds(start, chunk)], r, mask=valid & first_tile)
-            do_cols = do_ref.at[pl.ds(start, chunk), h, pl.ds(tile_index * tile_v, tile_v)]
-            g = (_load32(do_cols, _row_mask(valid, tile_v)) / den[:, None]).astype(q_ref.dtype)
+            r = _load(r_ref.at[h, pl.ds(start, chunk)], valid)
+            # Padded queries have do = 0 and r = 0, so they add nothing.
+            g = (_load32(do_ref.at[q_tile], _row_mask(valid, tile_v)) / den[:, None]).astype(q_ref.dtype)
             return u + dot(a.astype(q_ref.dtype), g, trans_a=True), w + jnp.sum(r[:, None] * a, axis=0)
 
         return lax.fori_loop(0, group, head, carry)
@@ -247,33 +232,11 @@ def _state_grad_kernel(
     plgpu.store(w_ref, w, mask=jnp.broadcast_to(first_tile, (d,)))
 
 
-def _walks_kernel(
-    k_ref, v_ref, kv0_ref, ksum0_ref, q_ref, do_ref, out_ref, den_ref, dkv_ref, dksum_ref,
-    kv_ref, ksum_ref, kv_chunks_ref, ksum_chunks_ref, dkv0_ref, dksum0_ref, r_ref, u_chunks_ref, w_chunks_ref, *,
-    feature_map, seq_len, chunk, group,
-):
-    """Grid (batch, kv_heads, 2 * value tiles): ``_state_kernel`` with per-chunk states on the first half of the
-    third axis, ``_state_grad_kernel`` with per-chunk cotangents on the second. The tile index is read here, outside
-    the branches (interpret mode substitutes program ids only at the kernel's top level)."""
-    d, tile_v = k_ref.shape[-1], kv_ref.shape[-1]
-    tile_index = _tile_index(d, tile_v)
-    common = dict(feature_map=feature_map, seq_len=seq_len, chunk=chunk, tile_index=tile_index)
-    forward = pl.program_id(2) < d // tile_v
-
-    @pl.when(forward)
-    def _():
-        _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, kv_chunks_ref, ksum_chunks_ref, **common)
-
-    @pl.when(jnp.logical_not(forward))
-    def _():
-        _state_grad_kernel(q_ref, do_ref, out_ref, den_ref, dkv_ref, dksum_ref, dkv0_ref, dksum0_ref, r_ref,
-                           u_chunks_ref, w_chunks_ref, group=group, **common)
-
-
 def _chunk_dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, den_ref, r_ref, s_ref, z_ref, dq_ref, *, feature_map, seq_len, chunk, causal,
+    q_ref, k_ref, v_ref, do_ref, out_ref, den_ref, s_ref, z_ref, dq_ref, r_ref, *, feature_map, seq_len, chunk, causal,
 ):
-    """Grid (batch, heads, chunks). dq of one chunk of one head from the chunk's (S, z) (see the section comment)."""
+    """Grid (batch, heads, chunks). dq of one chunk of one head from the chunk's (S, z) (see the section comment),
+    and r = -do . out / den of its queries for the other kernels."""
     d = q_ref.shape[-1]
     dot = functools.partial(_dot, dtype=q_ref.dtype)
     start = pl.program_id(2) * chunk
@@ -282,9 +245,12 @@ def _chunk_dq_kernel(
     mask = _row_mask(valid, d)
     tile = (pl.ds(start, chunk), slice(None))
     den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
-    r = _load(r_ref.at[pl.ds(start, chunk)], valid)
+    do = _load32(do_ref.at[tile], mask)
+    # Padded queries have do = 0, hence g = 0 and r = 0.
+    r = -jnp.sum(do * _load32(out_ref.at[tile], mask), axis=1) / den
+    plgpu.store(r_ref.at[pl.ds(start, chunk)], r, mask=valid)
     # Tiles that only feed dots are kept in the input dtype: half the registers of fp32 copies.
-    g = (_load32(do_ref.at[tile], mask) / den[:, None]).astype(q_ref.dtype)
+    g = (do / den[:, None]).astype(q_ref.dtype)
     da = dot(g, s_ref[...], trans_b=True) + r[:, None] * z_ref[...][None, :]
     if causal:
         b = _keys(k_ref.at[tile], mask, feature_map)[1].astype(q_ref.dtype)
@@ -367,10 +333,6 @@ class _Specs:
     def __init__(self, seq_len: int, d: int, group: int, by_kv: bool, tile: int | None = None):
         self.seq_len, self.d, self.group, self.by_kv, self.tile = seq_len, d, group, by_kv, tile
 
-    def _tile(self, j):
-        """Grid index ``j`` of the third axis -> column tile (``_walks_kernel`` runs the tiles twice)."""
-        return lax.rem(j, self.d // self.tile)
-
     def _kv_head(self, h):
         return h if self.by_kv else lax.div(h, self.group)
 
@@ -378,15 +340,13 @@ class _Specs:
         """[batch, seq, heads, d]: one head, or the whole group when the grid runs over KV heads."""
         heads = self.group if self.by_kv else None
         if tiled:
-            return pl.BlockSpec((None, self.seq_len, heads, self.tile), lambda b, h, j: (b, 0, h, self._tile(j)))
+            return pl.BlockSpec((None, self.seq_len, heads, self.tile), lambda b, h, j: (b, 0, h, j))
         return pl.BlockSpec((None, self.seq_len, heads, self.d), lambda b, h, *_: (b, 0, h, 0))
 
     def kv(self, tiled: bool = False) -> pl.BlockSpec:
         """[batch, seq, kv_heads, d]."""
         if tiled:
-            return pl.BlockSpec(
-                (None, self.seq_len, None, self.tile), lambda b, h, j: (b, 0, self._kv_head(h), self._tile(j))
-            )
+            return pl.BlockSpec((None, self.seq_len, None, self.tile), lambda b, h, j: (b, 0, self._kv_head(h), j))
         return pl.BlockSpec((None, self.seq_len, None, self.d), lambda b, h, *_: (b, 0, self._kv_head(h), 0))
 
     def rows(self) -> pl.BlockSpec:
@@ -398,7 +358,7 @@ class _Specs:
     def state(self, tiled: Literal["cols"] | None = None) -> pl.BlockSpec:
         """[batch, kv_heads, d, d]."""
         if tiled == "cols":
-            return pl.BlockSpec((None, None, self.d, self.tile), lambda b, h, j: (b, self._kv_head(h), 0, self._tile(j)))
+            return pl.BlockSpec((None, None, self.d, self.tile), lambda b, h, j: (b, self._kv_head(h), 0, j))
         return pl.BlockSpec((None, None, self.d, self.d), lambda b, h, *_: (b, self._kv_head(h), 0, 0))
 
     def state_sum(self) -> pl.BlockSpec:
@@ -407,7 +367,7 @@ class _Specs:
 
     def chunk_states(self, num_chunks: int) -> pl.BlockSpec:
         """[batch, kv_heads, chunks, d, d]: every chunk's state, the ``tile`` columns of the third grid axis."""
-        return pl.BlockSpec((None, None, num_chunks, self.d, self.tile), lambda b, h, j: (b, h, 0, 0, self._tile(j)))
+        return pl.BlockSpec((None, None, num_chunks, self.d, self.tile), lambda b, h, j: (b, h, 0, 0, j))
 
     def chunk_sums(self, num_chunks: int) -> pl.BlockSpec:
         """[batch, kv_heads, chunks, d]."""
@@ -455,7 +415,7 @@ def _forward(cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv0: StateKV, ksum
             "linear_attention_causal_fwd", d, seq_len=seq_len, group=group,
         )(q, k, v, kv0, ksum0)
         return out, kv, ksum, den
-    kv, ksum = _states(cfg, k, v, kv0, ksum0)
+    kv, ksum = _states(cfg, k, v, kv0, ksum0, per_chunk=False)
     sp = _Specs(seq_len, d, group, by_kv=False)
     out, den = _call(
         _apply_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
@@ -467,72 +427,65 @@ def _forward(cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv0: StateKV, ksum
     return out, kv, ksum, den
 
 
-def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum) -> tuple[StateKV, StateSum]:
-    """``_state_kernel``: the final state (fp32)."""
+def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum, per_chunk: bool):
+    """``_state_kernel``: the final state; with ``per_chunk`` also the state before every chunk (``kv`` in the
+    input dtype, ``[batch, kv_heads, chunks, d, d]``, and ``k_sum`` in fp32)."""
     batch, seq_len, kv_heads, d = k.shape
-    tile = min(d, cfg.tile)
+    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
     sp = _Specs(seq_len, d, 1, by_kv=True, tile=tile)
-    return _call(
+    out_specs = [sp.state("cols"), sp.state_sum()]
+    out_shape = [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)]
+    if per_chunk:
+        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
+        out_shape += [
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d, d), k.dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d), jnp.float32),
+        ]
+    outs = _call(
         _state_kernel, cfg, (batch, kv_heads, d // tile),
-        [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()],
-        [sp.state("cols"), sp.state_sum()],
-        [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)],
+        [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
         "linear_attention_states", d, seq_len=seq_len,
     )(k, v, kv0, ksum0)
+    return outs if per_chunk else outs[:2]
 
 
-def _state_grads(cfg: _Config, q: QArray, do: QArray, out: QArray, den, dkv_final: StateKV, dksum_final: StateSum):
-    """``_state_grad_kernel`` alone (non-causal): the initial-state cotangent (U, w) and r."""
+def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV, dksum_final: StateSum):
+    """``_state_grad_kernel``: the initial-state cotangent; if causal also (U, w) after every chunk (``U`` in the
+    input dtype, ``[batch, kv_heads, chunks, d, d]``, ``w`` in fp32), else (U, w) is the initial-state cotangent."""
     batch, seq_len, heads, d = q.shape
     kv_heads = dkv_final.shape[1]
-    tile = min(d, cfg.tile)
-    sp = _Specs(seq_len, d, heads // kv_heads, by_kv=True, tile=tile)
-    return _call(
-        _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
-        [sp.q(), sp.q(), sp.q(), sp.rows(), sp.state("cols"), sp.state_sum()],
-        [sp.state("cols"), sp.state_sum(), sp.rows()],
-        [*(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dkv_final, dksum_final)),
-         jax.ShapeDtypeStruct(den.shape, jnp.float32)],
-        "linear_attention_state_grads", d, seq_len=seq_len, group=heads // kv_heads,
-    )(q, do, out, den, dkv_final, dksum_final)
-
-
-def _walks(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: QArray, den, kv0: StateKV,
-           ksum0: StateSum, dkv_final: StateKV, dksum_final: StateSum):
-    """``_walks_kernel`` (causal): every chunk's state and state cotangent (``[batch, kv_heads, chunks, d, d]`` in
-    the input dtype, sums ``[.., chunks, d]`` in fp32), the initial-state cotangent and r."""
-    batch, seq_len, heads, d = q.shape
-    kv_heads = k.shape[2]
     tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
     sp = _Specs(seq_len, d, heads // kv_heads, by_kv=True, tile=tile)
-    state = lambda dtype: jax.ShapeDtypeStruct(kv0.shape, dtype)
-    state_sum = jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)
-    chunk_states = jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d, d), k.dtype)
-    chunk_sums = jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d), jnp.float32)
-    _, _, kv_chunks, ksum_chunks, dkv0, dksum0, r, u_chunks, w_chunks = _call(
-        _walks_kernel, cfg, (batch, kv_heads, 2 * (d // tile)),
-        [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum(), sp.q(), sp.q(), sp.q(), sp.rows(),
-         sp.state("cols"), sp.state_sum()],
-        [sp.state("cols"), sp.state_sum(), sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks),
-         sp.state("cols"), sp.state_sum(), sp.rows(), sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)],
-        [state(jnp.float32), state_sum, chunk_states, chunk_sums, state(jnp.float32), state_sum,
-         jax.ShapeDtypeStruct(den.shape, jnp.float32), chunk_states, chunk_sums],
-        "linear_attention_state_walks", d, seq_len=seq_len, group=heads // kv_heads,
-    )(k, v, kv0, ksum0, q, do, out, den, dkv_final, dksum_final)
-    return kv_chunks, ksum_chunks, dkv0, dksum0, r, u_chunks, w_chunks
+    out_specs = [sp.state("cols"), sp.state_sum()]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dkv_final, dksum_final)]
+    if cfg.causal:
+        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
+        out_shape += [
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d, d), q.dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d), jnp.float32),
+        ]
+    dkv0, dksum0, *chunks = _call(
+        _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
+        [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
+        "linear_attention_state_grads", d, seq_len=seq_len, group=heads // kv_heads,
+    )(q, do, den, r, dkv_final, dksum_final)
+    u_chunks, w_chunks = chunks if cfg.causal else (dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None])
+    return dkv0, dksum0, u_chunks, w_chunks
 
 
-def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, kv_chunks, ksum_chunks) -> QArray:
-    """``_chunk_dq_kernel`` over all chunks of every head at once."""
+def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: QArray, den, kv_chunks,
+              ksum_chunks) -> tuple[QArray, Float[Array, "batch heads seq"]]:
+    """``_chunk_dq_kernel`` over all chunks of every head at once: dq and r."""
     batch, seq_len, heads, d = q.shape
     sp = _Specs(seq_len, d, heads // k.shape[2], by_kv=False)
     return _call(
         _chunk_dq_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
-        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(cfg.causal),
+        [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.q(), sp.rows(), sp.state_of_chunk(cfg.causal),
          sp.sum_of_chunk(cfg.causal)],
-        sp.q(), jax.ShapeDtypeStruct(q.shape, q.dtype), "linear_attention_chunk_dq", d, seq_len=seq_len,
-        causal=cfg.causal,
-    )(q, k, v, do, den, r, kv_chunks, ksum_chunks)
+        [sp.q(), sp.rows()],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, jnp.float32)],
+        "linear_attention_chunk_dq", d, seq_len=seq_len, causal=cfg.causal,
+    )(q, k, v, do, out, den, kv_chunks, ksum_chunks)
 
 
 def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, u_chunks, w_chunks):
@@ -557,14 +510,11 @@ def _backward(
     """Cotangents of (q, k, v, initial kv, initial k_sum). ``(kv_state, ksum_state)`` is the initial state if
     causal (the walk replays the state of every chunk from it), the final one otherwise."""
     if cfg.causal:
-        kv_chunks, ksum_chunks, dkv0, dksum0, r, u_chunks, w_chunks = _walks(
-            cfg, q, k, v, do, out, den, kv_state, ksum_state, dkv_final, dksum_final
-        )
+        _, _, kv_chunks, ksum_chunks = _states(cfg, k, v, kv_state, ksum_state, per_chunk=True)
     else:
         kv_chunks, ksum_chunks = kv_state[:, :, None].astype(k.dtype), ksum_state[:, :, None]
-        dkv0, dksum0, r = _state_grads(cfg, q, do, out, den, dkv_final, dksum_final)
-        u_chunks, w_chunks = dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None]
-    dq = _chunk_dq(cfg, q, k, v, do, den, r, kv_chunks, ksum_chunks)
+    dq, r = _chunk_dq(cfg, q, k, v, do, out, den, kv_chunks, ksum_chunks)
+    dkv0, dksum0, u_chunks, w_chunks = _state_grads(cfg, q, do, den, r, dkv_final, dksum_final)
     dk, dv = _chunk_dkdv(cfg, q, k, v, do, den, r, u_chunks, w_chunks)
     return dq, dk, dv, dkv0, dksum0
 
