@@ -165,14 +165,14 @@ def sparse_attention(
         bs = mask.block_size
         if bs >= _MIN_BLOCK and bs & (bs - 1) == 0:
             # Measured on an H200 at S=16384, block 64, d128 bf16 (BENCHMARKS.md): 64x64 forward tiles run 1.5x
-            # faster with 4 warps than 8, and the backward prefers 32-key tiles.
+            # faster with 4 warps than 8; 64x64 backward tiles 11% faster than 64x32 once long key rows are split.
             block_q = min(config.block_q, bs)
             config = dataclasses.replace(
                 config,
                 block_q=block_q,
                 block_k=min(config.block_k, bs),
                 block_q_bwd=min(config.block_q_bwd, bs),
-                block_k_bwd=min(config.block_k_bwd, bs, 32),
+                block_k_bwd=min(config.block_k_bwd, bs),
                 num_warps=min(config.num_warps, 4) if block_q <= 64 else config.num_warps,
             )
     return _attention(q, k, v, _Sparse(mask), float(softmax_scale), bool(interpret), config)
