@@ -12,7 +12,9 @@ Every kernel loops only over the blocks its mask can see, in two phases: blocks 
 without an element mask, the partial ones (diagonal, window edges, global rows/columns, ragged tails) apply it.
 Windows give contiguous block ranges (``_BlockRange``, computed in the kernel); sparse masks give rows of the static
 block tables of ``block_tables.py`` (``_TableRow``). A sliding window therefore costs O(S * W) and a sparse mask
-O(visible blocks) in the forward and in both backward kernels.
+O(visible blocks) in the forward and in both backward kernels. Key rows of a sparse mask that are far longer than
+the others (a causal global column is seen by every query block) are split across several dK/dV programs
+(``block_tables.RowPieces``) whose partial sums are added afterwards, so no single program is the tail of the pass.
 
 The log-sum-exp residual is kept in base 2 (``lse = log2(sum(exp2(s)))`` with ``s = scale * log2(e) * q.k``).
 """
