@@ -151,19 +151,26 @@ def _causal_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Backward (causal and non-causal). Two sequential state walks, then one chunk-parallel kernel:
+# Backward (causal and non-causal). Two sequential state walks and two chunk-parallel kernels:
 #   _state_kernel (forward walk):       S_c, z_c = the state before chunk c (causal) -- also the non-causal forward;
 #   _state_grad_kernel (reverse walk):  U_c, w_c = the state cotangent after chunk c: dS_final + sum over the
 #                                       queries of later chunks of a_i g_i^T (and r_i a_i), summed over the group;
 #   _chunk_dq_kernel, _chunk_dkdv_kernel (all chunks at once): dq (from S_c, z_c) and dk, dv (from U_c, w_c) of
 #                                       one chunk and its own rows.
 # With g_i = do_i / den_i and r_i = -do_i . out_i / den_i (the cotangents of the numerator and the normaliser;
-# the dq kernel, which runs first, writes r):
+# the dq kernel writes r, which the reverse walk and the dk/dv kernel then read):
 #   d a_i = S_c g_i + r_i z_c + sum_{j <= i in chunk} (g_i . v_j + r_i) b_j
 #   d b_j = U_c v_j + w_c + sum_{i >= j in chunk} (g_i . v_j + r_i) a_i
 #   dv_j  = U_c^T b_j + sum_{i >= j in chunk} (a_i . b_j) g_i
 # Non-causal is the same with one "chunk": S, z the final state, U, w the totals, no in-chunk sums.
 # The walks carry one value-column tile of the state each, so (batch, kv_heads, d / tile) programs run them.
+
+
+def _store_chunk_state(chunk_refs, c, state: jax.Array, state_sum: jax.Array, first_tile: jax.Array) -> None:
+    """A walk's per-chunk outputs: ``state`` (this program's columns) at chunk ``c``; its sum from tile 0 only."""
+    states_ref, sums_ref = chunk_refs
+    states_ref[c] = state.astype(states_ref.dtype)
+    plgpu.store(sums_ref.at[c], state_sum, mask=jnp.broadcast_to(first_tile, state_sum.shape))
 
 
 def _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *chunk_refs, feature_map, seq_len, chunk):
@@ -183,9 +190,7 @@ def _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *chunk_ref
         _, b = _keys(k_ref.at[tile], _row_mask(valid, d), feature_map)
         v = _load(v_ref.at[tile], _row_mask(valid, tile_v))
         if chunk_refs:
-            kv_chunks_ref, ksum_chunks_ref = chunk_refs
-            kv_chunks_ref[c] = s.astype(kv_chunks_ref.dtype)
-            plgpu.store(ksum_chunks_ref.at[c], z, mask=jnp.broadcast_to(first_tile, (d,)))
+            _store_chunk_state(chunk_refs, c, s, z, first_tile)
         return s + dot(b.astype(k_ref.dtype), v, trans_a=True), z + jnp.sum(b, axis=0)
 
     s, z = lax.fori_loop(0, pl.cdiv(seq_len, chunk), body, (kv0_ref[...], ksum0_ref[...]))
@@ -211,9 +216,7 @@ def _state_grad_kernel(
         start = c * chunk
         valid = start + rows < seq_len
         if chunk_refs:
-            u_chunks_ref, w_chunks_ref = chunk_refs
-            u_chunks_ref[c] = carry[0].astype(u_chunks_ref.dtype)
-            plgpu.store(w_chunks_ref.at[c], carry[1], mask=jnp.broadcast_to(first_tile, (d,)))
+            _store_chunk_state(chunk_refs, c, *carry, first_tile)
 
         def head(h, acc):
             u, w = acc
@@ -365,13 +368,18 @@ class _Specs:
         """[batch, kv_heads, d]."""
         return pl.BlockSpec((None, None, self.d), lambda b, h, *_: (b, self._kv_head(h), 0))
 
-    def chunk_states(self, num_chunks: int) -> pl.BlockSpec:
-        """[batch, kv_heads, chunks, d, d]: every chunk's state, the ``tile`` columns of the third grid axis."""
-        return pl.BlockSpec((None, None, num_chunks, self.d, self.tile), lambda b, h, j: (b, h, 0, 0, j))
-
-    def chunk_sums(self, num_chunks: int) -> pl.BlockSpec:
-        """[batch, kv_heads, chunks, d]."""
-        return pl.BlockSpec((None, None, num_chunks, self.d), lambda b, h, *_: (b, h, 0, 0))
+    def chunk_outputs(self, batch: int, kv_heads: int, num_chunks: int, dtype) -> tuple[list, list]:
+        """(specs, shapes) of a walk's per-chunk outputs: every chunk's state ``[batch, kv_heads, chunks, d, d]`` in
+        ``dtype`` (the ``tile`` columns of the third grid axis per program) and its sum ``[.., chunks, d]`` in fp32."""
+        specs = [
+            pl.BlockSpec((None, None, num_chunks, self.d, self.tile), lambda b, h, j: (b, h, 0, 0, j)),
+            pl.BlockSpec((None, None, num_chunks, self.d), lambda b, h, *_: (b, h, 0, 0)),
+        ]
+        shapes = [
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, self.d, self.d), dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, self.d), jnp.float32),
+        ]
+        return specs, shapes
 
     def state_of_chunk(self, per_chunk: bool) -> pl.BlockSpec:
         """[batch, kv_heads, chunks, d, d] on a (batch, head axis, chunks) grid: the program's chunk, or the only one."""
@@ -436,11 +444,8 @@ def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum,
     out_specs = [sp.state("cols"), sp.state_sum()]
     out_shape = [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)]
     if per_chunk:
-        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
-        out_shape += [
-            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d, d), k.dtype),
-            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d), jnp.float32),
-        ]
+        specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, k.dtype)
+        out_specs, out_shape = out_specs + specs, out_shape + shapes
     outs = _call(
         _state_kernel, cfg, (batch, kv_heads, d // tile),
         [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
@@ -459,11 +464,8 @@ def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV
     out_specs = [sp.state("cols"), sp.state_sum()]
     out_shape = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dkv_final, dksum_final)]
     if cfg.causal:
-        out_specs += [sp.chunk_states(num_chunks), sp.chunk_sums(num_chunks)]
-        out_shape += [
-            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d, d), q.dtype),
-            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, d), jnp.float32),
-        ]
+        specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, q.dtype)
+        out_specs, out_shape = out_specs + specs, out_shape + shapes
     dkv0, dksum0, *chunks = _call(
         _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
         [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
