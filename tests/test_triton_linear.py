@@ -100,11 +100,12 @@ def test_no_initial_state_default_chunk():
         _assert_close(g, w, 1e-4)
 
 
-def test_default_chunks_and_backward_with_its_own_chunk():
-    assert linear._default_chunks(32768, 128, 2) == (64, 128)
-    assert linear._default_chunks(32768, 128, 4) == (32, 32)
-    assert linear._default_chunks(40, 64, 2) == (64, 64)
-    # bf16 at 150 rows: the forward walks chunks of 64, the backward chunks of 128; gradients must not care.
+def test_default_chunk_and_bf16_gradients_at_it():
+    assert linear._default_chunk(32768, 128, 2) == 128
+    assert linear._default_chunk(32768, 128, 4) == 32
+    assert linear._default_chunk(32768, 256, 2) == 32
+    assert linear._default_chunk(40, 64, 2) == 64
+    # bf16 at 150 rows: two chunks of 128, the second ragged.
     arrays, ref_inputs = _inputs(5, 1, 150, 2, 1, dtype=jnp.bfloat16)
     q, k, v, kv0, ksum0 = arrays
     ct = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)

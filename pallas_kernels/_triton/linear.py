@@ -7,13 +7,12 @@ With ``a_i = phi(q_i)``, ``b_j = phi(k_j)`` and an initial state ``(S0, z0)``::
 where the sums run over ``j <= i`` (causal) or over the whole sequence (non-causal). Query head ``h`` reads
 KV head ``h // group``. The final state ``(S0 + sum_all b_j v_j^T, z0 + sum_all b_j)`` is returned per KV head.
 
-The causal forward walks the sequence chunk by chunk with a value-column tile of the state in fp32 registers,
-one program per (batch, head, tile); the non-causal one reduces the state first and then applies it to every query
-block in parallel. The backward (both) walks the state forward and its cotangent in reverse, storing both per
-chunk (``[chunks, d, d]`` per KV head in the input dtype, transient), and then computes dq, dk, dv of all chunks in
-parallel. Dots take operands in the input dtype (bf16/fp16 on the half-precision tensor cores, fp32 exact) and
-accumulate in fp32; feature maps, sums, normalisers and the carried state stay fp32. Residuals: the inputs, the
-output and the per-query normaliser (O(seq)) and the initial (causal) or final (non-causal) state.
+The forward walks the state through the sequence (causal: storing the state before every chunk, ``[chunks, d, d]``
+per KV head in the input dtype) and then computes the output of all chunks in parallel. The backward walks the
+state's cotangent in reverse, storing it per chunk too, and computes dq, dk, dv of all chunks in parallel. Dots
+take operands in the input dtype (bf16/fp16 on the half-precision tensor cores, fp32 exact) and accumulate in fp32;
+feature maps, sums, normalisers and the carried states stay fp32. Residuals, all O(seq): the inputs, the output,
+the per-query normaliser and the per-chunk states (non-causal: the final state).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ StateSum = Float[Array, "batch kv_heads head_dim"]
 _EPS = 1e-6
 _FEATURE_MAPS = get_args(FeatureMap)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-# 64 value columns per program of the state walks: (batch, heads, 2) programs at head_dim 128. Tests lower it to
+# 64 value columns per program of the state walks: (batch, kv_heads, 2) programs at head_dim 128. Tests lower it to
 # cover several tiles.
 _TILE = 64
 
@@ -47,10 +46,9 @@ _TILE = 64
 class _Config(NamedTuple):
     feature_map: str
     causal: bool
-    chunk: int  # sequence rows per loop step of the kernel being launched
+    chunk: int  # sequence rows of a walk step and of a chunk-parallel program
     interpret: bool
     tile: int  # value-column tile of the state walks' third grid axis (capped at head_dim)
-    chunk_bwd: int  # ``chunk`` of the backward kernels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,59 +102,15 @@ def _keys(k_ref, mask: jax.Array, feature_map: str) -> tuple[jax.Array, jax.Arra
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Causal forward. The third grid axis tiles the value columns of the state, so that each (batch, head) runs as
-# d // tile programs; every program recomputes the full-width chunk matrices.
-
-
-def _causal_fwd_kernel(
-    q_ref, k_ref, v_ref, kv0_ref, ksum0_ref, o_ref, den_ref, kv_ref, ksum_ref, *, feature_map, seq_len, chunk,
-    group,
-):
-    """Grid (batch, heads, value tiles). Walks the chunks in order, carrying the columns S[:, tile] of the head's
-    KV head's state and the whole z; writes out[:, tile] and (tile 0) the normaliser den = a_i . z_i + eps."""
-    d = q_ref.shape[-1]
-    tile_v = v_ref.shape[-1]
-    dot = functools.partial(_dot, dtype=q_ref.dtype)
-    rows = jnp.arange(chunk)
-    tril = rows[:, None] >= rows[None, :]
-    first_tile = pl.program_id(2) == 0
-
-    def body(c, carry):
-        s, z = carry
-        start = c * chunk
-        valid = start + rows < seq_len
-        tile = (pl.ds(start, chunk), slice(None))
-        a = _phi(_load32(q_ref.at[tile], _row_mask(valid, d)), feature_map)
-        _, b = _keys(k_ref.at[tile], _row_mask(valid, d), feature_map)
-        v = _load(v_ref.at[tile], _row_mask(valid, tile_v))
-        att = jnp.where(tril, dot(a, b, trans_b=True), 0.0)
-        num = dot(att, v) + dot(a, s)
-        den = jnp.sum(att, axis=1) + jnp.sum(a * z[None, :], axis=1) + _EPS
-        plgpu.store(o_ref.at[tile], (num / den[:, None]).astype(o_ref.dtype), mask=_row_mask(valid, tile_v))
-        plgpu.store(den_ref.at[pl.ds(start, chunk)], den, mask=valid & first_tile)
-        return s + dot(b, v, trans_a=True), z + jnp.sum(b, axis=0)
-
-    s, z = lax.fori_loop(0, pl.cdiv(seq_len, chunk), body, (kv0_ref[...], ksum0_ref[...]))
-
-    # Every query head of a group carries the same state; the first one writes it.
-    first_head = lax.rem(pl.program_id(1), group) == 0
-
-    @pl.when(first_head)
-    def _():
-        kv_ref[...] = s
-
-    @pl.when(first_head & first_tile)
-    def _():
-        ksum_ref[...] = z
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Backward (causal and non-causal). Two sequential state walks and two chunk-parallel kernels:
-#   _state_kernel (forward walk):       S_c, z_c = the state before chunk c (causal) -- also the non-causal forward;
+# Forward and backward (causal and non-causal alike): two sequential state walks and three chunk-parallel kernels.
+#   _state_kernel (forward walk):       S_c, z_c = the state before chunk c, and the final state;
 #   _state_grad_kernel (reverse walk):  U_c, w_c = the state cotangent after chunk c: dS_final + sum over the
 #                                       queries of later chunks of a_i g_i^T (and r_i a_i), summed over the group;
-#   _chunk_dq_kernel, _chunk_dkdv_kernel (all chunks at once): dq (from S_c, z_c) and dk, dv (from U_c, w_c) of
-#                                       one chunk and its own rows.
+#   _chunk_out_kernel, _chunk_dq_kernel (all chunks at once): out and den, then dq, of one chunk of one head from
+#                                       (S_c, z_c) and the chunk's own keys;
+#   _chunk_dkdv_kernel (all chunks at once): dk, dv of one chunk of one KV head from (U_c, w_c) and the chunk's
+#                                       own queries of the group.
+# The forward walk's per-chunk states are a residual of the forward, so the backward runs one walk only.
 # With g_i = do_i / den_i and r_i = -do_i . out_i / den_i (the cotangents of the numerator and the normaliser;
 # the dq kernel writes r, which the reverse walk and the dk/dv kernel then read):
 #   d a_i = S_c g_i + r_i z_c + sum_{j <= i in chunk} (g_i . v_j + r_i) b_j
@@ -235,6 +189,30 @@ def _state_grad_kernel(
     plgpu.store(w_ref, w, mask=jnp.broadcast_to(first_tile, (d,)))
 
 
+def _chunk_out_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, o_ref, den_ref, *, feature_map, seq_len, chunk, causal):
+    """Grid (batch, heads, chunks). out = (a @ S_c + sum_{j <= i in chunk} (a_i . b_j) v_j) / den and the normaliser
+    den = a . z_c + sum_{j <= i in chunk} a_i . b_j + eps, from the state (S_c, z_c) before the chunk (causal) or the
+    final state and no in-chunk sums (non-causal)."""
+    d = q_ref.shape[-1]
+    dot = functools.partial(_dot, dtype=q_ref.dtype)
+    start = pl.program_id(2) * chunk
+    rows = jnp.arange(chunk)
+    valid = start + rows < seq_len
+    mask = _row_mask(valid, d)
+    tile = (pl.ds(start, chunk), slice(None))
+    a = _phi(_load32(q_ref.at[tile], mask), feature_map)
+    den = jnp.sum(a * z_ref[...][None, :], axis=1) + _EPS
+    a = a.astype(q_ref.dtype)
+    num = dot(a, s_ref[...])
+    if causal:
+        b = _keys(k_ref.at[tile], mask, feature_map)[1].astype(q_ref.dtype)
+        att = jnp.where(rows[:, None] >= rows[None, :], dot(a, b, trans_b=True), 0.0)
+        num = num + dot(att, _load(v_ref.at[tile], mask))
+        den = den + jnp.sum(att, axis=1)
+    plgpu.store(o_ref.at[tile], (num / den[:, None]).astype(o_ref.dtype), mask=mask)
+    plgpu.store(den_ref.at[pl.ds(start, chunk)], den, mask=valid)
+
+
 def _chunk_dq_kernel(
     q_ref, k_ref, v_ref, do_ref, out_ref, den_ref, s_ref, z_ref, dq_ref, r_ref, *, feature_map, seq_len, chunk, causal,
 ):
@@ -301,24 +279,6 @@ def _chunk_dkdv_kernel(
     y = _load32(k_ref.at[tile], mask)
     plgpu.store(dk_ref.at[tile], _phi_vjp(y, db, feature_map).astype(dk_ref.dtype), mask=mask)
     plgpu.store(dv_ref.at[tile], dv.astype(dv_ref.dtype), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Non-causal forward: the state (``_state_kernel`` above), then applied to every query block in parallel.
-
-
-def _apply_kernel(q_ref, kv_ref, ksum_ref, o_ref, den_ref, *, feature_map, seq_len, chunk):
-    """Grid (batch, heads, query blocks). out = a @ S / den with the normaliser den = a . z + eps."""
-    d = q_ref.shape[-1]
-    start = pl.program_id(2) * chunk
-    valid = start + jnp.arange(chunk) < seq_len
-    mask = _row_mask(valid, d)
-    tile = (pl.ds(start, chunk), slice(None))
-    a = _phi(_load32(q_ref.at[tile], mask), feature_map)
-    num = _dot(a, kv_ref[...], q_ref.dtype)
-    den = jnp.sum(a * ksum_ref[...][None, :], axis=1) + _EPS
-    plgpu.store(o_ref.at[tile], (num / den[:, None]).astype(o_ref.dtype), mask=mask)
-    plgpu.store(den_ref.at[pl.ds(start, chunk)], den, mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,58 +365,53 @@ def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str,
     )
 
 
+class _ChunkStates(NamedTuple):
+    """A walk's state before (forward) or cotangent after (reverse) every chunk: ``kv`` in the input dtype
+    ``[batch, kv_heads, chunks, d, d]``, ``k_sum`` fp32 ``[.., chunks, d]``; for non-causal attention the one state
+    (or cotangent) of the whole sequence as a single chunk."""
+
+    kv: jax.Array
+    k_sum: jax.Array
+
+
 def _forward(cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum):
-    """Output, final state and the normaliser den [batch, heads, seq] (fp32)."""
+    """Output, final state, the normaliser den [batch, heads, seq] (fp32) and the ``_ChunkStates`` it used."""
     batch, seq_len, heads, d = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    tile = min(d, cfg.tile)
-    state_shapes = [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)]
-    den_shape = jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)
-    if cfg.causal:
-        sp = _Specs(seq_len, d, group, by_kv=False, tile=tile)
-        out, den, kv, ksum = _call(
-            _causal_fwd_kernel, cfg, (batch, heads, d // tile),
-            [sp.q(), sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()],
-            [sp.q(tiled=True), sp.rows(), sp.state("cols"), sp.state_sum()],
-            [jax.ShapeDtypeStruct(q.shape, q.dtype), den_shape, *state_shapes],
-            "linear_attention_causal_fwd", d, seq_len=seq_len, group=group,
-        )(q, k, v, kv0, ksum0)
-        return out, kv, ksum, den
-    kv, ksum = _states(cfg, k, v, kv0, ksum0, per_chunk=False)
-    sp = _Specs(seq_len, d, group, by_kv=False)
+    kv, ksum, states = _states(cfg, k, v, kv0, ksum0)
+    sp = _Specs(seq_len, d, heads // k.shape[2], by_kv=False)
     out, den = _call(
-        _apply_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
-        [sp.q(), sp.state(), sp.state_sum()],
+        _chunk_out_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
+        [sp.q(), sp.kv(), sp.kv(), sp.state_of_chunk(cfg.causal), sp.sum_of_chunk(cfg.causal)],
         [sp.q(), sp.rows()],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), den_shape],
-        "linear_attention_apply", d, seq_len=seq_len,
-    )(q, kv, ksum)
-    return out, kv, ksum, den
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)],
+        "linear_attention_chunk_out", d, seq_len=seq_len, causal=cfg.causal,
+    )(q, k, v, states.kv, states.k_sum)
+    return out, kv, ksum, den, states
 
 
-def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum, per_chunk: bool):
-    """``_state_kernel``: the final state; with ``per_chunk`` also the state before every chunk (``kv`` in the
-    input dtype, ``[batch, kv_heads, chunks, d, d]``, and ``k_sum`` in fp32)."""
+def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum):
+    """``_state_kernel``: the final state (fp32) and the ``_ChunkStates`` (per chunk if causal)."""
     batch, seq_len, kv_heads, d = k.shape
     tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
     sp = _Specs(seq_len, d, 1, by_kv=True, tile=tile)
     out_specs = [sp.state("cols"), sp.state_sum()]
     out_shape = [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)]
-    if per_chunk:
+    if cfg.causal:
         specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, k.dtype)
         out_specs, out_shape = out_specs + specs, out_shape + shapes
-    outs = _call(
+    kv, ksum, *chunks = _call(
         _state_kernel, cfg, (batch, kv_heads, d // tile),
         [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
         "linear_attention_states", d, seq_len=seq_len,
     )(k, v, kv0, ksum0)
-    return outs if per_chunk else outs[:2]
+    if cfg.causal:
+        return kv, ksum, _ChunkStates(*chunks)
+    return kv, ksum, _ChunkStates(kv[:, :, None].astype(k.dtype), ksum[:, :, None])
 
 
 def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV, dksum_final: StateSum):
-    """``_state_grad_kernel``: the initial-state cotangent; if causal also (U, w) after every chunk (``U`` in the
-    input dtype, ``[batch, kv_heads, chunks, d, d]``, ``w`` in fp32), else (U, w) is the initial-state cotangent."""
+    """``_state_grad_kernel``: the initial-state cotangent and the ``_ChunkStates`` of (U, w): after every chunk
+    if causal, else the initial-state cotangent itself."""
     batch, seq_len, heads, d = q.shape
     kv_heads = dkv_final.shape[1]
     tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
@@ -471,12 +426,13 @@ def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV
         [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
         "linear_attention_state_grads", d, seq_len=seq_len, group=heads // kv_heads,
     )(q, do, den, r, dkv_final, dksum_final)
-    u_chunks, w_chunks = chunks if cfg.causal else (dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None])
-    return dkv0, dksum0, u_chunks, w_chunks
+    if cfg.causal:
+        return dkv0, dksum0, _ChunkStates(*chunks)
+    return dkv0, dksum0, _ChunkStates(dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None])
 
 
-def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: QArray, den, kv_chunks,
-              ksum_chunks) -> tuple[QArray, Float[Array, "batch heads seq"]]:
+def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: QArray, den,
+              states: _ChunkStates) -> tuple[QArray, Float[Array, "batch heads seq"]]:
     """``_chunk_dq_kernel`` over all chunks of every head at once: dq and r."""
     batch, seq_len, heads, d = q.shape
     sp = _Specs(seq_len, d, heads // k.shape[2], by_kv=False)
@@ -487,10 +443,10 @@ def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: 
         [sp.q(), sp.rows()],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, jnp.float32)],
         "linear_attention_chunk_dq", d, seq_len=seq_len, causal=cfg.causal,
-    )(q, k, v, do, out, den, kv_chunks, ksum_chunks)
+    )(q, k, v, do, out, den, states.kv, states.k_sum)
 
 
-def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, u_chunks, w_chunks):
+def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den, r, grads: _ChunkStates):
     """``_chunk_dkdv_kernel`` over all chunks of every KV head at once: (dk, dv)."""
     batch, seq_len, heads, d = q.shape
     kv_heads = k.shape[2]
@@ -502,22 +458,17 @@ def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den
         [sp.kv(), sp.kv()],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         "linear_attention_chunk_dkdv", d, seq_len=seq_len, group=heads // kv_heads, causal=cfg.causal,
-    )(q, k, v, do, den, r, u_chunks, w_chunks)
+    )(q, k, v, do, den, r, grads.kv, grads.k_sum)
 
 
 def _backward(
-    cfg: _Config, q: QArray, k: KVArray, v: KVArray, out: QArray, den, kv_state: StateKV, ksum_state: StateSum,
+    cfg: _Config, q: QArray, k: KVArray, v: KVArray, out: QArray, den, states: _ChunkStates,
     do: QArray, dkv_final: StateKV, dksum_final: StateSum,
 ) -> tuple[QArray, KVArray, KVArray, StateKV, StateSum]:
-    """Cotangents of (q, k, v, initial kv, initial k_sum). ``(kv_state, ksum_state)`` is the initial state if
-    causal (the walk replays the state of every chunk from it), the final one otherwise."""
-    if cfg.causal:
-        _, _, kv_chunks, ksum_chunks = _states(cfg, k, v, kv_state, ksum_state, per_chunk=True)
-    else:
-        kv_chunks, ksum_chunks = kv_state[:, :, None].astype(k.dtype), ksum_state[:, :, None]
-    dq, r = _chunk_dq(cfg, q, k, v, do, out, den, kv_chunks, ksum_chunks)
-    dkv0, dksum0, u_chunks, w_chunks = _state_grads(cfg, q, do, den, r, dkv_final, dksum_final)
-    dk, dv = _chunk_dkdv(cfg, q, k, v, do, den, r, u_chunks, w_chunks)
+    """Cotangents of (q, k, v, initial kv, initial k_sum), reading the forward's ``states``."""
+    dq, r = _chunk_dq(cfg, q, k, v, do, out, den, states)
+    dkv0, dksum0, grads = _state_grads(cfg, q, do, den, r, dkv_final, dksum_final)
+    dk, dv = _chunk_dkdv(cfg, q, k, v, do, den, r, grads)
     return dq, dk, dv, dkv0, dksum0
 
 
@@ -529,32 +480,30 @@ def _linear_attention(
 
 
 def _linear_attention_fwd(cfg: _Config, q, k, v, kv0, ksum0):
-    out, kv, ksum, den = _forward(cfg, q, k, v, kv0, ksum0)
-    # All O(seq) besides the O(1) state: causal backward replays every chunk's state from the initial one,
-    # non-causal backward needs only the final state.
-    residuals = (q, k, v, out, den, *((kv0, ksum0) if cfg.causal else (kv, ksum)))
-    return (out, kv, ksum), residuals
+    out, kv, ksum, den, states = _forward(cfg, q, k, v, kv0, ksum0)
+    # O(seq) residuals: the state before every chunk (input dtype) feeds the backward's dq directly.
+    return (out, kv, ksum), (q, k, v, out, den, states)
 
 
 def _linear_attention_bwd(cfg: _Config, residuals, cotangents):
-    return _backward(cfg._replace(chunk=cfg.chunk_bwd), *residuals, *cotangents)
+    return _backward(cfg, *residuals, *cotangents)
 
 
 _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
 
 
-def _default_chunks(seq_len: int, d: int, itemsize: int) -> tuple[int, int]:
-    """(forward, backward) sequence chunk.
+def _default_chunk(seq_len: int, d: int, itemsize: int) -> int:
+    """Sequence chunk of every kernel: 128 rows for 2-byte inputs up to head_dim 128, else 64 rows capped so that
+    a [chunk, d] input tile stays within 16 KiB (larger fp32 tiles overflowed shared memory); at least 16 (Triton
+    dots), at most the padded sequence.
 
-    Forward: 64 rows, capped so a tile stays within 16 KiB (fp32 [64, 128] tiles overflow shared memory).
-    Backward: 128 rows for 2-byte inputs up to head_dim 128. Measured on an H200 (bf16, d128, S=32768,
-    BENCHMARKS.md): forward 3.46 ms at chunk 64 vs 3.96 at 128, backward 10.3 ms at chunk 128 vs 11.9 at 64.
-    Triton dots need >= 16 rows.
+    Measured on an H200 (bf16, d128, S=32768, ``benchmarks/profile_linear.py``, BENCHMARKS.md): forward 2.51 ms
+    at chunk 128 vs 3.14 at 64; the state walks 1.13 + 1.58 ms vs 1.61 + 1.89 (8 warps); dq equal.
     """
     cap = pl.next_power_of_2(seq_len)
-    forward = max(16, min(64, 16384 // (d * itemsize), cap))
-    backward = max(16, min(128, cap)) if itemsize == 2 and d <= 128 else forward
-    return forward, backward
+    if itemsize == 2 and d <= 128:
+        return max(16, min(128, cap))
+    return max(16, min(64, 16384 // (d * itemsize), cap))
 
 
 def linear_attention(
@@ -575,7 +524,7 @@ def linear_attention(
     is ``initial_state`` (zeros if None). No softmax scale. Query head ``h`` uses KV head ``h // (heads //
     kv_heads)``. Returns the output in ``q.dtype`` and the float32 final state (sums over the whole sequence),
     which can itself be differentiated. ``chunk_size`` (a power of 2, at least 16) is the sequence tile of every
-    kernel; by default the forward and the backward each take their measured best (``_default_chunks``).
+    kernel, forward and backward; by default the measured best (``_default_chunk``).
     """
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
         raise ValueError(f"expected q [b, t, h, d] and k, v [b, t, kv_h, d]; got {q.shape}, {k.shape}, {v.shape}")
@@ -592,11 +541,9 @@ def linear_attention(
     if feature_map not in _FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {_FEATURE_MAPS}, got {feature_map!r}")
     if chunk_size is None:
-        chunk, chunk_bwd = _default_chunks(seq_len, d, q.dtype.itemsize)
+        chunk_size = _default_chunk(seq_len, d, q.dtype.itemsize)
     elif chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of 2 of at least 16, got {chunk_size}")
-    else:
-        chunk = chunk_bwd = chunk_size
 
     if initial_state is None:
         kv0 = jnp.zeros((batch, kv_heads, d, d), jnp.float32)
@@ -607,6 +554,6 @@ def linear_attention(
         if kv0.shape != (batch, kv_heads, d, d) or ksum0.shape != (batch, kv_heads, d):
             raise ValueError(f"initial_state shapes {kv0.shape}, {ksum0.shape} do not match k {k.shape}")
 
-    cfg = _Config(feature_map, bool(causal), chunk, interpret, _TILE, chunk_bwd)
+    cfg = _Config(feature_map, bool(causal), chunk_size, interpret, _TILE)
     out, kv, ksum = _linear_attention(cfg, q, k, v, kv0, ksum0)
     return out, LinearState(kv, ksum)
