@@ -544,14 +544,16 @@ _Mask = _Windows | _Sparse
 def _kv_block_scores(
     kb, *, masked: bool, q, q_rows, k_ref, v_ref, st: _Static, block_k: int
 ) -> tuple[Array, Array, Array]:
-    """Key block ``kb``'s K and V tiles and the base-2 scores ``[block_q, block_k]`` of the query tile ``q``
-    against it; ``masked`` (partial blocks) sets invisible ones, under ``q_rows``' element mask, to ``-inf``."""
+    """Key block ``kb``'s K and V tiles and the unscaled scores ``q.k`` ``[block_q, block_k]`` of the query tile ``q``
+    against it; ``masked`` (partial blocks) sets invisible ones, under ``q_rows``' element mask, to ``-inf``.
+
+    Callers scale inside ``exp2(s * qk_scale - m)``, one fused multiply-add per score."""
     k_pos = kb * block_k + jnp.arange(block_k)
     k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
     rows = pl.ds(kb * block_k, block_k)
     k = _load_tile(k_ref.at[rows, :], k_ok, st)
     v = _load_tile(v_ref.at[rows, :], k_ok, st)
-    s = plgpu.dot(q, k, trans_b=True) * st.qk_scale
+    s = plgpu.dot(q, k, trans_b=True)
     if masked:
         s = jnp.where(q_rows.visible(k_pos, keys_first=False), s, -jnp.inf)
     return k, v, s
@@ -561,11 +563,12 @@ def _fwd_kv_block(kb, carry, *, masked: bool, **tiles) -> tuple[Array, Array, Ar
     """One online-softmax step over key block ``kb`` (``tiles``: the arguments of ``_kv_block_scores``)."""
     acc, m, l = carry
     _, v, s = _kv_block_scores(kb, masked=masked, **tiles)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    qk_scale = tiles["st"].qk_scale
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
     # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0 rather than NaN.
     m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
     alpha = jnp.exp2(m - m_sub)
-    p = jnp.exp2(s - m_sub[:, None])
+    p = jnp.exp2(s * qk_scale - m_sub[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_new, l
@@ -650,7 +653,7 @@ def _delta_kernel(o_ref, do_ref, delta_ref, *, st: _Static, block_q: int):
 def _dq_kv_block(kb, dq, *, masked: bool, do, lse, delta, **tiles) -> Array:
     """Adds key block ``kb``'s contribution ``dS @ K`` (without the softmax scale) to ``dq``."""
     k, v, s = _kv_block_scores(kb, masked=masked, **tiles)
-    p = jnp.exp2(s - lse[:, None])
+    p = jnp.exp2(s * tiles["st"].qk_scale - lse[:, None])
     ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
@@ -709,10 +712,10 @@ def _dkdv_q_block(
     do = _load_tile(do_ref.at[rows, h, :], row_ok, st)
     lse = _load_rows(lse_ref.at[h, rows], row_ok, jnp.inf)
     delta = _load_rows(delta_ref.at[h, rows], row_ok, 0.0)
-    s_t = plgpu.dot(k, q, trans_b=True) * st.qk_scale
+    s_t = plgpu.dot(k, q, trans_b=True)
     if masked:
         s_t = jnp.where(head.rows(r0, block_q).visible(k_pos, keys_first=True), s_t, -jnp.inf)
-    p_t = jnp.exp2(s_t - lse[None, :])
+    p_t = jnp.exp2(s_t * st.qk_scale - lse[None, :])
     dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
     ds_t = p_t * (plgpu.dot(v, do, trans_b=True) - delta[None, :])
     dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
