@@ -189,17 +189,21 @@ def _state_grad_kernel(
     plgpu.store(w_ref, w, mask=jnp.broadcast_to(first_tile, (d,)))
 
 
+def _program_chunk(chunk: int, seq_len: int, d: int):
+    """The chunk of a chunk-parallel program (third grid axis): its first row, row numbers, in-sequence rows, their
+    ``[chunk, d]`` mask and the tile index of the chunk's rows."""
+    start = pl.program_id(2) * chunk
+    rows = jnp.arange(chunk)
+    valid = start + rows < seq_len
+    return start, rows, valid, _row_mask(valid, d), (pl.ds(start, chunk), slice(None))
+
+
 def _chunk_out_kernel(q_ref, k_ref, v_ref, s_ref, z_ref, o_ref, den_ref, *, feature_map, seq_len, chunk, causal):
     """Grid (batch, heads, chunks). out = (a @ S_c + sum_{j <= i in chunk} (a_i . b_j) v_j) / den and the normaliser
     den = a . z_c + sum_{j <= i in chunk} a_i . b_j + eps, from the state (S_c, z_c) before the chunk (causal) or the
     final state and no in-chunk sums (non-causal)."""
-    d = q_ref.shape[-1]
     dot = functools.partial(_dot, dtype=q_ref.dtype)
-    start = pl.program_id(2) * chunk
-    rows = jnp.arange(chunk)
-    valid = start + rows < seq_len
-    mask = _row_mask(valid, d)
-    tile = (pl.ds(start, chunk), slice(None))
+    start, rows, valid, mask, tile = _program_chunk(chunk, seq_len, q_ref.shape[-1])
     a = _phi(_load32(q_ref.at[tile], mask), feature_map)
     den = jnp.sum(a * z_ref[...][None, :], axis=1) + _EPS
     a = a.astype(q_ref.dtype)
@@ -218,13 +222,8 @@ def _chunk_dq_kernel(
 ):
     """Grid (batch, heads, chunks). dq of one chunk of one head from the chunk's (S, z) (see the section comment),
     and r = -do . out / den of its queries for the other kernels."""
-    d = q_ref.shape[-1]
     dot = functools.partial(_dot, dtype=q_ref.dtype)
-    start = pl.program_id(2) * chunk
-    rows = jnp.arange(chunk)
-    valid = start + rows < seq_len
-    mask = _row_mask(valid, d)
-    tile = (pl.ds(start, chunk), slice(None))
+    start, rows, valid, mask, tile = _program_chunk(chunk, seq_len, q_ref.shape[-1])
     den = _load(den_ref.at[pl.ds(start, chunk)], valid, other=1.0)
     do = _load32(do_ref.at[tile], mask)
     # Padded queries have do = 0, hence g = 0 and r = 0.
@@ -248,13 +247,8 @@ def _chunk_dkdv_kernel(
 ):
     """Grid (batch, kv_heads, chunks). dk, dv of one chunk's keys, summed over the group's query heads, from the
     chunk's (U, w) (see the section comment)."""
-    d = k_ref.shape[-1]
     dot = functools.partial(_dot, dtype=k_ref.dtype)
-    start = pl.program_id(2) * chunk
-    rows = jnp.arange(chunk)
-    valid = start + rows < seq_len
-    mask = _row_mask(valid, d)
-    tile = (pl.ds(start, chunk), slice(None))
+    start, rows, valid, mask, tile = _program_chunk(chunk, seq_len, k_ref.shape[-1])
     # Tiles that only feed dots are kept in the input dtype: half the registers of fp32 copies.
     b = _keys(k_ref.at[tile], mask, feature_map)[1].astype(k_ref.dtype)
     v = _load(v_ref.at[tile], mask)
