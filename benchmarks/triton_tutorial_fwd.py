@@ -10,7 +10,9 @@ Pallas kernel separates what the lowering costs from what Triton's code generati
 Variants switch on, one at a time, what the Pallas lowering emits differently (read from its Triton IR,
 ``pallas_call(debug=True)``): ``separate_acc`` (``acc * alpha + dot(p, v)`` instead of accumulating in the dot),
 ``k_rows`` (K loaded ``[BLOCK_N, D]`` and transposed instead of loaded transposed), ``libdevice_exp2`` (libdevice's
-``__nv_exp2f`` instead of ``ex2.approx``). Each row also counts the ``wgmma`` instructions of the compiled PTX.
+``__nv_exp2f`` instead of ``ex2.approx``), ``pallas_grid`` (grid ``(q blocks, batch, heads)``, Pallas's order, instead
+of ``(q blocks, batch * heads)``). Each row also counts the ``wgmma`` instructions of the compiled PTX.
+``python benchmarks/triton_tutorial_fwd.py OUT.json pallas_grid`` runs only the named variants beside the plain one.
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ def _inner(acc, l_i, m_i, q, k_base, v_base, stride_s, offs_m, offs_n, offs_d, l
 @triton.jit
 def _fwd(Q, K, V, O, qk_scale, S, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEPARATE_ACC: tl.constexpr, K_ROWS: tl.constexpr,
-         LIBDEVICE_EXP2: tl.constexpr):
+         LIBDEVICE_EXP2: tl.constexpr, PALLAS_GRID: tl.constexpr):
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    if PALLAS_GRID:  # grid (q blocks, batch, heads)
+        b, h = tl.program_id(1), tl.program_id(2)
+    else:  # grid (q blocks, batch * heads), heads fastest
+        b, h = tl.program_id(1) // H, tl.program_id(1) % H
     q_stride_s, kv_stride_s = H * D, (H // GROUP) * D
     q_base = Q + b * S * q_stride_s + h * D
     kv_off = b * S * kv_stride_s + (h // GROUP) * D
@@ -88,13 +92,14 @@ def _fwd(Q, K, V, O, qk_scale, S, H: tl.constexpr, GROUP: tl.constexpr, D: tl.co
     tl.store(O + b * S * q_stride_s + h * D + offs_m[:, None] * q_stride_s + offs_d[None, :], acc.to(O.dtype.element_ty))
 
 
-def attention(q, k, v, block_m, block_n, warps, stages, separate_acc=False, k_rows=False, libdevice_exp2=False):
+def attention(q, k, v, block_m, block_n, warps, stages, separate_acc=False, k_rows=False, libdevice_exp2=False,
+              pallas_grid=False):
     """The output and the compiled kernel."""
     batch, seq, heads, d = q.shape
     out = torch.empty_like(q)
-    grid = (seq // block_m, batch * heads)
+    grid = (seq // block_m, batch, heads) if pallas_grid else (seq // block_m, batch * heads)
     kernel = _fwd[grid](q, k, v, out, d ** -0.5 * 1.44269504, seq, heads, heads // k.shape[2], d, block_m, block_n,
-                        separate_acc, k_rows, libdevice_exp2, num_warps=warps, num_stages=stages)
+                        separate_acc, k_rows, libdevice_exp2, pallas_grid, num_warps=warps, num_stages=stages)
     return out, kernel
 
 
@@ -111,7 +116,9 @@ def main(out_path: str) -> None:
         v.repeat_interleave(heads // kv_heads, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
     results = [dict(triton=triton.__version__, device=torch.cuda.get_device_name())]
     variants = [dict(), dict(separate_acc=True), dict(k_rows=True), dict(libdevice_exp2=True),
-                dict(separate_acc=True, k_rows=True, libdevice_exp2=True)]
+                dict(separate_acc=True, k_rows=True, libdevice_exp2=True), dict(pallas_grid=True)]
+    if len(sys.argv) > 2:  # only the named flags, e.g. "pallas_grid"
+        variants = [dict()] + [{name: True} for name in sys.argv[2].split(",")]
     for block_m, block_n, warps, stages, flags in [(128, 128, 8, 3, v) for v in variants] + [(128, 64, 8, 3, {})]:
         row = dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, **flags)
         try:
