@@ -1,8 +1,10 @@
-"""Sweep Pallas softmax-kernel configs on the GPU (batch 2, 32/8 heads, head_dim 128, bf16).
+"""Sweep Pallas softmax-kernel configs on the GPU (batch 2, 32/8 heads, head_dim 128, bf16 unless named).
 
-``python benchmarks/tune.py OUT.json FORM[,FORM...] SEQ_LEN`` with forms ``causal``, ``window`` (W=1024) and
-``sparse`` (block 64, 1 global token, 3 local, 3 random blocks). Forward configs are timed forward-only, backward
-configs forward+backward with the default forward. Prints one line per config and writes JSON.
+``python benchmarks/tune.py OUT.json FORM[,FORM...] SEQ_LEN [HEAD_DIM DTYPE]`` with forms ``causal``, ``window``
+(W=1024) and ``sparse`` (block 64, 1 global token, 3 local, 3 random blocks); ``HEAD_DIM DTYPE`` other than 128
+bfloat16 sweep the ``OTHER_ROWS`` variants of that ``_CONFIG_TABLE`` row (causal). Forward configs are timed
+forward-only, backward configs forward+backward with the default forward; the first variant of each list is the
+table's current row. Prints one line per config and writes JSON after every config.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ VARIANTS = {
     ),
 }
 VARIANTS["window"] = VARIANTS["causal"]
+# (head_dim, dtype) -> (forward variants, backward variants) for the other rows of ``_CONFIG_TABLE``.
+OTHER_ROWS = {
+    (64, "bfloat16"): (
+        [(128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
+        [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)],
+    ),
+    (256, "bfloat16"): (
+        [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 2)],
+        [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 1), (32, 32, 8, 1)],
+    ),
+    (128, "float32"): (
+        [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3)],
+        [(32, 32, 4, 2), (32, 32, 4, 1), (32, 64, 4, 2), (64, 32, 4, 2), (16, 32, 4, 2)],
+    ),
+}
 
 
 def attention_fn(form: str, config):
@@ -50,15 +67,16 @@ def visible(form: str, seq_len: int) -> int:
     return visible_pairs(seq_len, ((1024 if form == "window" else None),) * 32)
 
 
-def main(out_path: str, forms: list[str], seq_len: int) -> None:
+def main(out_path: str, forms: list[str], seq_len: int, head_dim: int = 128, dtype: str = "bfloat16") -> None:
     results = []
-    shape = Shape(2, seq_len, 32, 8, 128, "bfloat16")
+    shape = Shape(2, seq_len, 32, 8, head_dim, dtype)
     q, k, v = shape.arrays()
     ct = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
-    base = default_config(seq_len, seq_len, 128, jnp.bfloat16)
+    other_row = (head_dim, dtype) != (128, "bfloat16")
+    base = default_config(seq_len, seq_len, head_dim, jnp.dtype(dtype), unlimited=other_row)
     for form in forms:
-        flops = 4.0 * 2 * 128 * visible(form, seq_len)
-        fwd, bwd = VARIANTS[form]
+        flops = 4.0 * 2 * head_dim * visible(form, seq_len)
+        fwd, bwd = OTHER_ROWS[head_dim, dtype] if other_row else VARIANTS[form]
         variants = [("fwd", dataclasses.replace(base, block_q=a, block_k=b, num_warps=w, num_stages=s))
                     for a, b, w, s in fwd]
         variants += [("fwd+bwd", dataclasses.replace(base, block_q_bwd=a, block_k_bwd=b, num_warps_bwd=w,
@@ -75,12 +93,14 @@ def main(out_path: str, forms: list[str], seq_len: int) -> None:
                 note = ""
             except Exception as e:  # a config the lowering rejects is reported, not fatal
                 ms, tflops, note = None, None, f"{type(e).__name__}: {str(e)[:80]}"
-            results.append(dict(form=form, seq_len=seq_len, kind=kind, config=dataclasses.asdict(config), ms=ms,
-                                tflops=tflops, note=note))
-            print(f"{form} S={seq_len} {kind:8s} {config} -> {ms} ms {tflops} TF/s {note}", flush=True)
-    with open(out_path, "w") as f:
-        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, f, indent=1)
+            results.append(dict(form=form, seq_len=seq_len, head_dim=head_dim, dtype=dtype, kind=kind,
+                                config=dataclasses.asdict(config), ms=ms, tflops=tflops, note=note))
+            print(f"{form} S={seq_len} d={head_dim} {dtype} {kind:8s} {config} -> {ms} ms {tflops} TF/s {note}",
+                  flush=True)
+            with open(out_path, "w") as f:
+                json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, f,
+                          indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), *(int(sys.argv[4]), sys.argv[5])[: len(sys.argv) - 4])

@@ -132,7 +132,8 @@ def test_default_config_table():
     assert (long.block_q, long.block_k, long.block_q_bwd, long.block_k_bwd) == (128, 64, 64, 64)
     assert default_config(4096, 4096, 128, jnp.bfloat16, unlimited=True).block_k == 128
     assert default_config(4096, 4096, 128, jnp.float32, unlimited=True).block_k == 64
-    assert default_config(4096, 4096, 256, jnp.bfloat16).block_q == 64
+    assert default_config(4096, 4096, 256, jnp.bfloat16).block_q == 128
+    assert default_config(4096, 4096, 64, jnp.bfloat16).block_q == 64
     short = default_config(5, 40, 96, jnp.float32)
     assert short.block_q == short.block_q_bwd == 16 and short.block_k <= 64
     with pytest.raises(ValueError):

@@ -71,13 +71,16 @@ class KernelConfig:
 
 
 # (largest head_dim, largest dtype itemsize) -> config; first matching row wins. 4-byte inputs get smaller tiles where
-# the pipelined K/V stages would not fit in shared memory otherwise. To be tuned on the GPU.
+# the pipelined K/V stages would not fit in shared memory otherwise. Measured on an H200, causal, batch 2, 32/8 heads
+# (BENCHMARKS.md, ``benchmarks/tune.py``): d128 bf16 at S=8192; d64 and d256 bf16 at S=8192 and d128 fp32 at S=4096
+# (fourth session: forward -19% / -50% / -26%, fwd+bwd -5% / -40% / - against the rows they replaced). The d256
+# fp32 row is not measured (it is the smallest that fits).
 _CONFIG_TABLE: tuple[tuple[int, int, KernelConfig], ...] = (
-    (64, 2, KernelConfig(128, 64, 64, 64, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
+    (64, 2, KernelConfig(64, 64, 64, 64, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=3)),
     (128, 2, KernelConfig(128, 64, 64, 64, num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
-    (256, 2, KernelConfig(64, 64, 32, 32, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2)),
+    (256, 2, KernelConfig(128, 64, 32, 32, num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
     (64, 4, KernelConfig(128, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
-    (128, 4, KernelConfig(64, 64, 32, 32, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
+    (128, 4, KernelConfig(32, 64, 32, 32, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
     (256, 4, KernelConfig(32, 32, 32, 32, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
 )
 
