@@ -1,7 +1,8 @@
 """Interleaved A/B of softmax-kernel variants beside cuDNN, forward and forward+backward, on the issue-3 shapes.
 
-``python benchmarks/ab_softmax.py OUT.json OLD_NAME``: batch 2, 32 query / 8 KV heads, head_dim 128, bf16, S=8192,
-flash causal and a 1024 window. ``pallas_kernels/_triton/softmax.py`` (current) is compared with an older version
+``python benchmarks/ab_softmax.py OUT.json OLD_NAME [CASES]``: batch 2, 32 query / 8 KV heads, head_dim 128, bf16,
+S=8192; ``CASES`` (comma-separated, default ``causal,window``) from ``causal``, ``window`` (W=1024) and ``sparse``
+(BigBird block 64, 1 global token, 3 local, 3 random blocks; no cuDNN peer). ``pallas_kernels/_triton/softmax.py`` (current) is compared with an older version
 checked out beside it as ``softmax_old.py`` (``git show COMMIT:pallas_kernels/_triton/softmax.py``), labelled
 ``OLD_NAME``; cuDNN runs in the same rounds as the yardstick. Three rounds, the order reversed every other round.
 """
@@ -15,27 +16,39 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from complexity_jax.bench import Shape, _grad_fn, cudnn_or_xla, visible_pairs
+import pallas_kernels as pk
+from complexity_jax.bench import Shape, _grad_fn, cudnn_or_xla, sparse_visible_pairs, visible_pairs
 from complexity_jax.profiling import median_ms
 from pallas_kernels._triton import softmax, softmax_old
 
 SEQ_LEN, WINDOW = 8192, 1024
 
 
-def main(out_path: str, old_name: str) -> None:
+def case_impls(case: str, shape: Shape, old_name: str) -> tuple[dict, float]:
+    """The timed functions of one case (ours now, ours before, cuDNN where it has the mask) and its forward FLOPs."""
+    scale = 1 / math.sqrt(shape.head_dim)
+    modules = (("current", softmax), (old_name, softmax_old))
+    if case == "sparse":
+        mask = pk.SparseMask(shape.num_heads, block_size=64)
+        flops = 4 * shape.batch * shape.head_dim * sparse_visible_pairs(mask, SEQ_LEN)
+        impls = {name: lambda a, b, c, m=module: m.sparse_attention(a, b, c, mask=mask, softmax_scale=scale)
+                 for name, module in modules}
+        return impls, flops
+    window = WINDOW if case == "window" else None
+    flops = 4 * shape.batch * shape.head_dim * visible_pairs(SEQ_LEN, (window,) * shape.num_heads)
+    impls = {name: lambda a, b, c, m=module: m.softmax_attention(
+        a, b, c, windows=(window,) * shape.num_heads, causal=True, softmax_scale=scale) for name, module in modules}
+    impls["cudnn"] = cudnn_or_xla("cudnn", window)
+    return impls, flops
+
+
+def main(out_path: str, old_name: str, cases: list[str]) -> None:
     shape = Shape(2, SEQ_LEN, 32, 8, 128, "bfloat16")
     q, k, v = shape.arrays()
     ct = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
-    scale = 1 / math.sqrt(shape.head_dim)
     compiled, results = {}, []
-    for case, window in (("causal", None), (f"window {WINDOW}", WINDOW)):
-        flops = 4 * shape.batch * shape.head_dim * visible_pairs(SEQ_LEN, (window,) * shape.num_heads)
-        impls = {
-            name: lambda a, b, c, m=module, w=window: m.softmax_attention(
-                a, b, c, windows=(w,) * shape.num_heads, causal=True, softmax_scale=scale)
-            for name, module in (("current", softmax), (old_name, softmax_old))
-        }
-        impls["cudnn"] = cudnn_or_xla("cudnn", window)
+    for case in cases:
+        impls, flops = case_impls(case, shape, old_name)
         for name, fn in impls.items():
             compiled[case, name, "fwd"] = (jax.jit(fn).lower(q, k, v).compile(), (q, k, v), flops)
             compiled[case, name, "fwd+bwd"] = (jax.jit(_grad_fn(fn)).lower(q, k, v, ct).compile(), (q, k, v, ct),
@@ -53,4 +66,4 @@ def main(out_path: str, old_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else "causal,window").split(","))

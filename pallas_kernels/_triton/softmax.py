@@ -539,14 +539,14 @@ class _SparseRows(NamedTuple):
         """``SparseMask.visible`` of these rows: ``[block_q, block_k]``, or ``[block_k, block_q]`` if ``keys_first``."""
         rows = functools.partial(_per_query, keys_first=keys_first)
         j, bs, n_global = _per_key(k_pos, keys_first), self.sparse.block_size, self.sparse.num_global_tokens
-        seen = (j >= rows(self.band_lo)) & (j < rows(self.band_hi))
+        seen = _below(j - rows(self.band_lo), rows(self.band_hi - self.band_lo))
         if n_global:
             seen |= (j < n_global) | (rows(self.q_pos) < n_global)
-        for start in self.random:
-            seen |= (j >= rows(start)) & (j < rows(start) + bs)
+        for start in self.random:  # unused slots start at _NO_KEY: j - start stays below 2**31
+            seen |= _below(j - rows(start), bs)
         if self.sparse.causal:
             seen &= j <= rows(self.q_pos)
-        return seen & (j < self.st.kv_len)
+        return seen & (j < self.st.kv_len) if self.st.kv_len % k_pos.shape[0] else seen
 
 
 _Mask = _Windows | _Sparse
