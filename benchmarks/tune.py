@@ -103,4 +103,5 @@ def main(out_path: str, forms: list[str], seq_len: int, head_dim: int = 128, dty
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), *(int(sys.argv[4]), sys.argv[5])[: len(sys.argv) - 4])
+    row = (int(sys.argv[4]), sys.argv[5]) if len(sys.argv) > 5 else ()
+    main(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), *row)
