@@ -8,7 +8,8 @@ where the sums run over ``j <= i`` (causal) or over the whole sequence (non-caus
 KV head ``h // group``. The final state ``(S0 + sum_all b_j v_j^T, z0 + sum_all b_j)`` is returned per KV head.
 
 The forward walks the state through the sequence (causal: storing the state before every chunk, ``[chunks, d, d]``
-per KV head in the input dtype) and then computes the output of all chunks in parallel. The backward walks the
+per KV head in the input dtype, as large as ``k`` when the chunk equals head_dim) and then computes the output of all
+chunks in parallel. The backward walks the
 state's cotangent in reverse, storing it per chunk too, and computes dq, dk, dv of all chunks in parallel. Dots
 take operands in the input dtype (bf16/fp16 on the half-precision tensor cores, fp32 exact) and accumulate in fp32;
 feature maps, sums, normalisers and the carried states stay fp32. Residuals, all O(seq): the inputs, the output,
