@@ -384,46 +384,44 @@ def _forward(cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv0: StateKV, ksum
     return out, kv, ksum, den, states
 
 
+def _walk(cfg: _Config, kernel, name: str, heads_per_kv: int, in_specs, args: tuple, final: tuple, chunk_dtype,
+          **kwargs):
+    """Launches a state walk (``_state_kernel`` or ``_state_grad_kernel``) over (batch, kv_heads, value tiles):
+    its final state and sum, shaped as ``final`` (fp32), and the ``_ChunkStates`` in ``chunk_dtype``: the kernel's
+    per-chunk outputs if causal, else the final state itself as the one chunk. ``in_specs`` maps a ``_Specs`` to
+    the specs of ``args`` (whose query-head arrays hold ``heads_per_kv`` heads per program); ``kwargs`` go to
+    the kernel."""
+    batch, kv_heads, d = final[1].shape
+    seq_len = args[0].shape[1]
+    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
+    sp = _Specs(seq_len, d, heads_per_kv, by_kv=True, tile=tile)
+    out_specs = [sp.state("cols"), sp.state_sum()]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in final]
+    if cfg.causal:
+        specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, chunk_dtype)
+        out_specs, out_shape = out_specs + specs, out_shape + shapes
+    state, state_sum, *chunks = _call(
+        kernel, cfg, (batch, kv_heads, d // tile), in_specs(sp), out_specs, out_shape, name, d, seq_len=seq_len,
+        **kwargs,
+    )(*args, *final)
+    if cfg.causal:
+        return state, state_sum, _ChunkStates(*chunks)
+    return state, state_sum, _ChunkStates(state[:, :, None].astype(chunk_dtype), state_sum[:, :, None])
+
+
 def _states(cfg: _Config, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum):
     """``_state_kernel``: the final state (fp32) and the ``_ChunkStates`` (per chunk if causal)."""
-    batch, seq_len, kv_heads, d = k.shape
-    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
-    sp = _Specs(seq_len, d, 1, by_kv=True, tile=tile)
-    out_specs = [sp.state("cols"), sp.state_sum()]
-    out_shape = [jax.ShapeDtypeStruct(kv0.shape, jnp.float32), jax.ShapeDtypeStruct(ksum0.shape, jnp.float32)]
-    if cfg.causal:
-        specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, k.dtype)
-        out_specs, out_shape = out_specs + specs, out_shape + shapes
-    kv, ksum, *chunks = _call(
-        _state_kernel, cfg, (batch, kv_heads, d // tile),
-        [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
-        "linear_attention_states", d, seq_len=seq_len,
-    )(k, v, kv0, ksum0)
-    if cfg.causal:
-        return kv, ksum, _ChunkStates(*chunks)
-    return kv, ksum, _ChunkStates(kv[:, :, None].astype(k.dtype), ksum[:, :, None])
+    in_specs = lambda sp: [sp.kv(), sp.kv(tiled=True), sp.state("cols"), sp.state_sum()]
+    return _walk(cfg, _state_kernel, "linear_attention_states", 1, in_specs, (k, v), (kv0, ksum0), k.dtype)
 
 
 def _state_grads(cfg: _Config, q: QArray, do: QArray, den, r, dkv_final: StateKV, dksum_final: StateSum):
     """``_state_grad_kernel``: the initial-state cotangent and the ``_ChunkStates`` of (U, w): after every chunk
     if causal, else the initial-state cotangent itself."""
-    batch, seq_len, heads, d = q.shape
-    kv_heads = dkv_final.shape[1]
-    tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
-    sp = _Specs(seq_len, d, heads // kv_heads, by_kv=True, tile=tile)
-    out_specs = [sp.state("cols"), sp.state_sum()]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dkv_final, dksum_final)]
-    if cfg.causal:
-        specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, q.dtype)
-        out_specs, out_shape = out_specs + specs, out_shape + shapes
-    dkv0, dksum0, *chunks = _call(
-        _state_grad_kernel, cfg, (batch, kv_heads, d // tile),
-        [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()], out_specs, out_shape,
-        "linear_attention_state_grads", d, seq_len=seq_len, group=heads // kv_heads,
-    )(q, do, den, r, dkv_final, dksum_final)
-    if cfg.causal:
-        return dkv0, dksum0, _ChunkStates(*chunks)
-    return dkv0, dksum0, _ChunkStates(dkv0[:, :, None].astype(q.dtype), dksum0[:, :, None])
+    group = q.shape[2] // dkv_final.shape[1]
+    in_specs = lambda sp: [sp.q(), sp.q(tiled=True), sp.rows(), sp.rows(), sp.state("cols"), sp.state_sum()]
+    return _walk(cfg, _state_grad_kernel, "linear_attention_state_grads", group, in_specs, (q, do, den, r),
+                 (dkv_final, dksum_final), q.dtype, group=group)
 
 
 def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: QArray, den,
