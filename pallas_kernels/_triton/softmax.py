@@ -10,7 +10,7 @@ Layout: ``q`` is ``[batch, q_len, heads, head_dim]``, ``k``/``v`` are ``[batch, 
 
 Every kernel loops only over the blocks its mask can see, in two phases: blocks that are entirely visible run
 without an element mask, the partial ones (diagonal, window edges, global rows/columns, ragged tails) apply it.
-Windows give contiguous block ranges (``_BlockRange``, computed in the kernel); sparse masks give rows of the static
+Windows give contiguous block ranges (``BlockRange``, computed in the kernel); sparse masks give rows of the static
 block tables of ``block_tables.py`` (``_TableRow``). A sliding window therefore costs O(S * W) and a sparse mask
 O(visible blocks) in the forward and in both backward kernels. Key rows of a sparse mask that are far longer than
 the others (a causal global column is seen by every query block) are split across several dK/dV programs
@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels.block_ranges import BlockRange, Phase, kv_block_range, q_block_range
 from pallas_kernels.block_tables import RowPieces, band, block_tables, split_long_rows
 from pallas_kernels.masks import SparseMask
 
@@ -223,35 +224,6 @@ class _Static(NamedTuple):
         return self.softmax_scale * math.log2(math.e)
 
 
-class _Phase(NamedTuple):
-    """Loop counters ``[start, stop)`` and the block each one visits."""
-
-    start: Int[Array, ""]
-    stop: Int[Array, ""]
-    block: Callable[[Int[Array, ""]], Int[Array, ""]]
-
-
-class _BlockRange(NamedTuple):
-    """Blocks ``[lo, hi)`` contain every visible element; blocks ``[full_lo, full_hi)`` are entirely visible."""
-
-    lo: Int[Array, ""]
-    full_lo: Int[Array, ""]
-    full_hi: Int[Array, ""]
-    hi: Int[Array, ""]
-
-    def phases(self) -> tuple[_Phase, _Phase]:
-        """The full blocks, then the partial ones on both sides of them."""
-        n_before = self.full_lo - self.lo
-        return (
-            _Phase(self.full_lo, self.full_hi, lambda t: t),
-            _Phase(
-                0,
-                n_before + self.hi - self.full_hi,
-                lambda t: jnp.where(t < n_before, self.lo + t, self.full_hi + (t - n_before)),
-            ),
-        )
-
-
 class _TableRow(NamedTuple):
     """Entries ``[start, full_end)`` of ``blocks_ref`` are entirely visible blocks, ``[full_end, end)`` partial ones."""
 
@@ -260,9 +232,9 @@ class _TableRow(NamedTuple):
     full_end: Int[Array, ""]
     end: Int[Array, ""]
 
-    def phases(self) -> tuple[_Phase, _Phase]:
+    def phases(self) -> tuple[Phase, Phase]:
         block = lambda t: self.blocks_ref[t]
-        return _Phase(self.start, self.full_end, block), _Phase(self.full_end, self.end, block)
+        return Phase(self.start, self.full_end, block), Phase(self.full_end, self.end, block)
 
     def piece(self, part: Int[Array, ""], length: int) -> _TableRow:
         """Entries ``[start + part * length, start + (part + 1) * length)`` of the row (``RowPieces``)."""
@@ -296,41 +268,7 @@ def _below(x: Int[Array, "..."], bound) -> Bool[Array, "..."]:
     return x.astype(jnp.uint32) < jnp.asarray(bound).astype(jnp.uint32)
 
 
-def _offset_bounds(window: Int[Array, ""], causal: bool) -> tuple[Int[Array, ""], Int[Array, ""]]:
-    """Visible ``i - j`` lies in ``[d_min, d_max]``."""
-    return (0 if causal else 1 - window), window - 1
-
-
-def _block_range(any_lo, any_hi, all_lo, all_hi, length: int, block: int) -> _BlockRange:
-    """Blocks of the looped axis (``length`` positions, tiles of ``block``) given inclusive position intervals.
-
-    ``[any_lo, any_hi]``: positions visible to SOME element of the program's tile; ``[all_lo, all_hi]``: visible to
-    ALL of them. Only in-bounds blocks count as entirely visible, so ragged tails land in the masked phase.
-    """
-    last = length - 1
-    lo = lax.div(jnp.maximum(any_lo, 0), block)
-    hi = jnp.maximum(lax.div(jnp.maximum(jnp.minimum(any_hi, last) + 1, 0) + block - 1, block), lo)
-    full_lo = lax.div(jnp.maximum(all_lo, 0) + block - 1, block)
-    full_hi = lax.div(jnp.maximum(jnp.minimum(all_hi, last) + 1, 0), block)
-    full_lo = jnp.minimum(jnp.maximum(full_lo, lo), hi)
-    full_hi = jnp.minimum(jnp.maximum(full_hi, full_lo), hi)
-    return _BlockRange(lo, full_lo, full_hi, hi)
-
-
-def _kv_block_range(q_first, q_last, window, st: _Static, block_k: int) -> _BlockRange:
-    """Key blocks seen by the query positions ``[q_first, q_last]`` (absolute positions)."""
-    d_min, d_max = _offset_bounds(window, st.causal)
-    return _block_range(q_first - d_max, q_last - d_min, q_last - d_max, q_first - d_min, st.kv_len, block_k)
-
-
-def _q_block_range(k_first, k_last, window, st: _Static, block_q: int) -> _BlockRange:
-    """Query-row blocks that see the key positions ``[k_first, k_last]``."""
-    d_min, d_max = _offset_bounds(window, st.causal)
-    r = -st.offset  # absolute position -> query row
-    return _block_range(k_first + d_min + r, k_last + d_max + r, k_last + d_min + r, k_first + d_max + r, st.q_len, block_q)
-
-
-def _two_phase_loop(blocks: _BlockRange | _TableRow, step: Callable[..., Any], carry: Any) -> Any:
+def _two_phase_loop(blocks: BlockRange | _TableRow, step: Callable[..., Any], carry: Any) -> Any:
     """Runs ``step(block, carry, masked=...)`` over ``blocks``: unmasked over the full ones, masked over the rest."""
     full, partial = blocks.phases()
     carry = lax.fori_loop(full.start, full.stop, lambda t, c: step(full.block(t), c, masked=False), carry)
@@ -420,15 +358,15 @@ class _WindowHead(NamedTuple):
     window: Int[Array, ""]
     st: _Static
 
-    def blocks(self, tile, block_q: int, block_k: int, *, by_key: bool) -> _BlockRange:
+    def blocks(self, tile, block_q: int, block_k: int, *, by_key: bool) -> BlockRange:
         """Query blocks that see key block ``tile`` if ``by_key``, else key blocks seen by query block ``tile``."""
         st = self.st
         if by_key:
             j0 = tile * block_k
-            return _q_block_range(j0, jnp.minimum(j0 + block_k, st.kv_len) - 1, self.window, st, block_q)
+            return q_block_range(j0, jnp.minimum(j0 + block_k, st.kv_len) - 1, self.window, st, block_q)
         r0 = tile * block_q
         r_last = jnp.minimum(r0 + block_q, st.q_len) - 1
-        return _kv_block_range(r0 + st.offset, r_last + st.offset, self.window, st, block_k)
+        return kv_block_range(r0 + st.offset, r_last + st.offset, self.window, st, block_k)
 
     def rows(self, r0, block_q: int) -> _WindowRows:
         """The element mask of query rows ``[r0, r0 + block_q)``."""

@@ -1,0 +1,89 @@
+"""Block ranges of window masks, computed inside the kernels (traced int32 scalars): which tiles of the looped axis
+a program's tile must visit, and which of them need no element mask. Shared by every backend (Triton, Mosaic GPU).
+
+Query row ``r`` sits at absolute position ``r + offset`` with ``offset = kv_len - q_len``; key ``j`` is visible to the
+query at ``i`` iff ``0 <= i - j < W`` (causal) or ``|i - j| < W`` (non-causal), ``W`` the head's window
+(``masks.UNLIMITED_WINDOW`` when it has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Int
+
+
+class Geometry(Protocol):
+    """Trace-time lengths and mask kind of one attention call."""
+
+    q_len: int
+    kv_len: int
+    causal: bool
+
+    @property
+    def offset(self) -> int: ...
+
+
+class Phase(NamedTuple):
+    """Loop counters ``[start, stop)`` and the block each one visits."""
+
+    start: Int[Array, ""]
+    stop: Int[Array, ""]
+    block: Callable[[Int[Array, ""]], Int[Array, ""]]
+
+
+class BlockRange(NamedTuple):
+    """Blocks ``[lo, hi)`` contain every visible element; blocks ``[full_lo, full_hi)`` are entirely visible."""
+
+    lo: Int[Array, ""]
+    full_lo: Int[Array, ""]
+    full_hi: Int[Array, ""]
+    hi: Int[Array, ""]
+
+    def phases(self) -> tuple[Phase, Phase]:
+        """The full blocks, then the partial ones on both sides of them."""
+        n_before = self.full_lo - self.lo
+        return (
+            Phase(self.full_lo, self.full_hi, lambda t: t),
+            Phase(
+                0,
+                n_before + self.hi - self.full_hi,
+                lambda t: jnp.where(t < n_before, self.lo + t, self.full_hi + (t - n_before)),
+            ),
+        )
+
+def offset_bounds(window: Int[Array, ""], causal: bool) -> tuple[Int[Array, ""], Int[Array, ""]]:
+    """Visible ``i - j`` lies in ``[d_min, d_max]``."""
+    return (0 if causal else 1 - window), window - 1
+
+
+def block_range(any_lo, any_hi, all_lo, all_hi, length: int, block: int) -> BlockRange:
+    """Blocks of the looped axis (``length`` positions, tiles of ``block``) given inclusive position intervals.
+
+    ``[any_lo, any_hi]``: positions visible to SOME element of the program's tile; ``[all_lo, all_hi]``: visible to
+    ALL of them. Only in-bounds blocks count as entirely visible, so ragged tails land in the masked phase.
+    """
+    last = length - 1
+    lo = lax.div(jnp.maximum(any_lo, 0), block)
+    hi = jnp.maximum(lax.div(jnp.maximum(jnp.minimum(any_hi, last) + 1, 0) + block - 1, block), lo)
+    full_lo = lax.div(jnp.maximum(all_lo, 0) + block - 1, block)
+    full_hi = lax.div(jnp.maximum(jnp.minimum(all_hi, last) + 1, 0), block)
+    full_lo = jnp.minimum(jnp.maximum(full_lo, lo), hi)
+    full_hi = jnp.minimum(jnp.maximum(full_hi, full_lo), hi)
+    return BlockRange(lo, full_lo, full_hi, hi)
+
+
+def kv_block_range(q_first, q_last, window, st: Geometry, block_k: int) -> BlockRange:
+    """Key blocks seen by the query positions ``[q_first, q_last]`` (absolute positions)."""
+    d_min, d_max = offset_bounds(window, st.causal)
+    return block_range(q_first - d_max, q_last - d_min, q_last - d_max, q_first - d_min, st.kv_len, block_k)
+
+
+def q_block_range(k_first, k_last, window, st: Geometry, block_q: int) -> BlockRange:
+    """Query-row blocks that see the key positions ``[k_first, k_last]``."""
+    d_min, d_max = offset_bounds(window, st.causal)
+    r = -st.offset  # absolute position -> query row
+    return block_range(k_first + d_min + r, k_last + d_max + r, k_last + d_min + r, k_first + d_max + r, st.q_len, block_q)
