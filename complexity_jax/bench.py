@@ -104,14 +104,18 @@ def measure(suite: str, case: str, impl: str, fn: Callable, shape: Shape, flops_
     return result
 
 
-def ours(interpret: bool, **kwargs) -> dict:
-    return {"implementation": "pallas", "interpret": interpret, **kwargs}
+def ours(interpret: bool, implementation: str = "pallas", **kwargs) -> dict:
+    return {"implementation": implementation, "interpret": interpret, **kwargs}
 
 
-def cudnn_or_xla(implementation: str, window: int | None) -> Callable:
+# Our softmax rows: each Pallas backend that can run here (Mosaic GPU needs a Hopper+ GPU).
+SOFTMAX_BACKENDS = ("pallas_mosaic", "pallas_triton") if ON_GPU else ("pallas_triton",)
+
+
+def cudnn_or_xla(implementation: str, window: int | None, causal: bool = True) -> Callable:
     local = None if window is None else (window - 1, 0)
     return lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, local_window_size=local, implementation=implementation
+        q, k, v, is_causal=causal, local_window_size=local, implementation=implementation
     )
 
 
@@ -137,12 +141,21 @@ def softmax_suite(shape: Shape, seq_lens: list[int], window: int, repeats: int, 
         fits_xla = sh.batch * h * s * s * 4 * 3 < XLA_LOGITS_BUDGET
         causal_flops = 4.0 * sh.batch * sh.head_dim * visible_pairs(s, (None,) * h)
         window_flops = 4.0 * sh.batch * sh.head_dim * visible_pairs(s, (window,) * h)
-        cases = [
-            ("flash causal", "ours", lambda q, k, v: pk.flash_attention(q, k, v, **ours(interpret)), causal_flops),
+        full_flops = 4.0 * sh.batch * sh.head_dim * h * s * s
+        cases = []
+        for backend in SOFTMAX_BACKENDS:
+            impl = ours(interpret, backend)
+            cases += [
+                ("flash causal", backend, lambda q, k, v, o=impl: pk.flash_attention(q, k, v, **o), causal_flops),
+                ("flash full", backend, lambda q, k, v, o=impl: pk.flash_attention(q, k, v, causal=False, **o),
+                 full_flops),
+                (f"window {window}", backend,
+                 lambda q, k, v, o=impl: pk.flash_attention(q, k, v, window_size=window, **o), window_flops),
+            ]
+        cases += [
             ("flash causal", "cudnn", cudnn_or_xla("cudnn", None), causal_flops),
+            ("flash full", "cudnn", cudnn_or_xla("cudnn", None, causal=False), full_flops),
             ("flash causal", "jax pallas mha", builtin_pallas_mha(sh, interpret), causal_flops),
-            (f"window {window}", "ours",
-             lambda q, k, v: pk.flash_attention(q, k, v, window_size=window, **ours(interpret)), window_flops),
             (f"window {window}", "cudnn", cudnn_or_xla("cudnn", window), window_flops),
         ]
         if fits_xla:
@@ -163,19 +176,20 @@ def multiscale_suite(shape: Shape, repeats: int, interpret: bool, progress) -> l
     s, b, d = shape.seq_len, shape.batch, shape.head_dim
     half_shape = dataclasses.replace(shape, num_heads=half, num_kv_heads=shape.num_kv_heads // 2)
     flops = lambda ws: 4.0 * b * d * visible_pairs(s, ws)
-    cases = [
-        ("multiscale 16 local + 16 global", shape, windows,
-         lambda q, k, v: pk.multiscale_attention(q, k, v, windows, **ours(interpret))),
-        ("16 local heads alone", half_shape, windows[:half],
-         lambda q, k, v: pk.multiscale_attention(q, k, v, windows[:half], **ours(interpret))),
-        ("16 global heads alone", half_shape, windows[half:],
-         lambda q, k, v: pk.flash_attention(q, k, v, **ours(interpret))),
-    ]
-    del h
     results = []
-    for case, sh, ws, fn in cases:
-        progress(f"multiscale S={s}: {case}")
-        results.append(measure("multiscale", case, "ours", fn, sh, flops(ws), repeats))
+    for backend in SOFTMAX_BACKENDS:
+        impl = ours(interpret, backend)
+        cases = [
+            (f"multiscale {half} local + {h - half} global", shape, windows,
+             lambda q, k, v: pk.multiscale_attention(q, k, v, windows, **impl)),
+            (f"{half} local heads alone", half_shape, windows[:half],
+             lambda q, k, v: pk.multiscale_attention(q, k, v, windows[:half], **impl)),
+            (f"{h - half} global heads alone", half_shape, windows[half:],
+             lambda q, k, v: pk.flash_attention(q, k, v, **impl)),
+        ]
+        for case, sh, ws, fn in cases:
+            progress(f"multiscale S={s}: {case} / {backend}")
+            results.append(measure("multiscale", case, backend, fn, sh, flops(ws), repeats))
     return results
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-IMPLEMENTATIONS = ("auto", "pallas", "xla")
+IMPLEMENTATIONS = ("auto", "pallas", "pallas_triton", "pallas_mosaic", "xla")
 FEATURE_MAPS = ("elu", "relu", "softmax")
 
 

@@ -50,9 +50,10 @@ def _accumulation_dtype(dtype) -> jnp.dtype:
 
 
 def causal_positions(q_len: int, kv_len: int) -> tuple[Int[Array, "sq"], Int[Array, "sk"]]:
-    """Absolute positions when the queries are the last ``q_len`` positions of ``kv_len`` keys."""
+    """Absolute positions when the queries are the last ``q_len`` positions of ``kv_len`` keys (with more queries
+    than keys, non-causal, the first queries sit at negative positions)."""
     k_pos = jnp.arange(kv_len, dtype=jnp.int32)
-    return k_pos[kv_len - q_len:], k_pos
+    return jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len), k_pos
 
 
 def cache_positions(

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import reference
-from pallas_kernels._dispatch import use_pallas
+from pallas_kernels import _softmax_kernels, reference
+from pallas_kernels._dispatch import choose_backend, use_pallas
+from pallas_kernels._mosaic import softmax as mosaic_softmax
+from pallas_kernels._mosaic.softmax import MosaicConfig
 from pallas_kernels._triton import decode as triton_decode
-from pallas_kernels._triton import softmax as triton_softmax
 from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels._validation import (
     check_attention_inputs,
@@ -49,12 +50,33 @@ def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, i
                       op_name):
     check_attention_inputs(q, k, v, causal=causal)
     scale = _default_scale(q, softmax_scale)
-    if use_pallas(implementation, op_name, has_kernel=True):
-        return triton_softmax.softmax_attention(q, k, v, windows=windows, causal=causal, softmax_scale=scale,
-                                                interpret=interpret, config=kernel_config)
-    q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
-    visible = WindowMask(windows, causal).visible(q_pos, k_pos)[None]
-    return reference.softmax_attention(q, k, v, visible, scale)
+    mask = WindowMask(windows, bool(causal))
+    if kernel_config is not None and not isinstance(kernel_config, (KernelConfig, MosaicConfig)):
+        raise TypeError(f"kernel_config must be a KernelConfig (Triton) or a MosaicConfig, got {kernel_config!r}")
+    backend = choose_backend(implementation, op_name, _window_kernels(q, k, mask, interpret, kernel_config))
+    if backend == "xla":
+        q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
+        return reference.softmax_attention(q, k, v, mask.visible(q_pos, k_pos)[None], scale)
+    backward = backend
+    if backend == "mosaic" and mosaic_softmax.unsupported_reason(q, k, mask, backward=True) is not None:
+        backward = "triton"  # head_dim 256: the Mosaic backward's tiles do not fit in shared memory
+    plan = _softmax_kernels.Plan(
+        mask, scale, forward_backend=backend, backward_backend=backward, interpret=interpret,
+        triton_config=kernel_config if isinstance(kernel_config, KernelConfig) else None,
+        mosaic_config=kernel_config if isinstance(kernel_config, MosaicConfig) else None,
+    )
+    return _softmax_kernels.attention(q, k, v, plan)
+
+
+def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config) -> dict[str, str | None]:
+    """Each Pallas backend: ``None`` if it serves this call, else why not."""
+    mosaic = mosaic_softmax.unsupported_reason(q, k, mask)
+    if interpret:
+        mosaic = "interpret=True runs the Triton kernels (JAX 0.11's Mosaic GPU interpreter cannot run wgmma kernels)"
+    elif isinstance(kernel_config, KernelConfig):
+        mosaic = "kernel_config is a Triton KernelConfig"
+    triton = "kernel_config is a MosaicConfig" if isinstance(kernel_config, MosaicConfig) else None
+    return {"mosaic": mosaic, "triton": triton}
 
 
 def flash_attention(
@@ -67,11 +89,16 @@ def flash_attention(
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
-    kernel_config: KernelConfig | None = None,
+    kernel_config: KernelConfig | MosaicConfig | None = None,
 ) -> Float[Array, "b sq h d"]:
     """Softmax attention; with ``window_size=W`` a sliding window (causal ``0 <= i-j < W``, else ``|i-j| < W``).
 
-    ``kernel_config`` overrides the Pallas kernel's block sizes, warps and stages (default: a per-shape table).
+    ``implementation``: ``"auto"`` (on a GPU the fastest Pallas backend that serves the call: Mosaic GPU on
+    Hopper+ for bf16/fp16 and head_dim 64/128/256 on the JAX versions it is tested on, else Triton; XLA elsewhere),
+    ``"pallas"`` (the fastest Pallas backend), ``"pallas_mosaic"`` / ``"pallas_triton"`` (that backend, or
+    ``NotImplementedError``), ``"xla"``. At head_dim 256 the Mosaic forward is differentiated by the Triton backward.
+    ``kernel_config`` overrides the kernels' tiles: a ``KernelConfig`` (Triton: blocks, warps, stages; default a
+    per-shape table) or a ``MosaicConfig`` (Mosaic GPU); it also picks that backend under ``"auto"``/``"pallas"``.
     """
     windows = _per_head_windows("window_size", window_size, q.shape[2] if q.ndim == 4 else 0)
     return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
@@ -88,7 +115,7 @@ def multiscale_attention(
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
-    kernel_config: KernelConfig | None = None,
+    kernel_config: KernelConfig | MosaicConfig | None = None,
 ) -> Float[Array, "b sq h d"]:
     """Softmax attention where query head ``h`` sees a window of ``window_sizes[h]`` (``None``: every key).
 
@@ -136,8 +163,9 @@ def sparse_attention(
         )
     scale = _default_scale(q, softmax_scale)
     if use_pallas(implementation, "sparse_attention", has_kernel=True):
-        return triton_softmax.sparse_attention(q, k, v, mask=config, softmax_scale=scale, interpret=interpret,
-                                               config=kernel_config)
+        return _softmax_kernels.attention(
+            q, k, v, _softmax_kernels.Plan(config, scale, triton_config=kernel_config, interpret=interpret)
+        )
     q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
     num_blocks = -(-k.shape[1] // block_size)
     visible = config.visible(q_pos, k_pos, num_blocks)[None]

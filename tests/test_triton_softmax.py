@@ -9,15 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels._triton.softmax import (
-    KernelConfig,
-    _kv_block_range,
-    _q_block_range,
-    _Static,
-    _visible,
-    default_config,
-    softmax_attention,
-)
+from pallas_kernels._softmax_kernels import softmax_attention
+from pallas_kernels._triton.softmax import KernelConfig, _Static, _visible, default_config
+from pallas_kernels.block_ranges import kv_block_range, q_block_range
 
 BLOCK16 = KernelConfig(16, 16, 16, 16, num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
 
@@ -174,10 +168,10 @@ def test_block_ranges_are_tight(causal):
 
             for qb in range(n_qb):  # forward and dQ: the query block's real rows against every key block
                 r_last = min(qb * block + block, q_len) - 1
-                rng = _kv_block_range(qb * block + st.offset, r_last + st.offset, w, st, block)
+                rng = kv_block_range(qb * block + st.offset, r_last + st.offset, w, st, block)
                 assert_range(rng, tiles[qb, :, : r_last - qb * block + 1], (q_len, kv_len, window, qb))
 
             for kb in range(n_kb):  # dK/dV: the key block's real keys against every query block
                 j_last = min(kb * block + block, kv_len) - 1
-                rng = _q_block_range(kb * block, j_last, w, st, block)
+                rng = q_block_range(kb * block, j_last, w, st, block)
                 assert_range(rng, tiles[:, kb, :, : j_last - kb * block + 1], (q_len, kv_len, window, kb))

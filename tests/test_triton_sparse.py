@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels._triton.softmax import KernelConfig, sparse_attention
+from pallas_kernels._softmax_kernels import sparse_attention
+from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels.block_tables import block_tables, split_long_rows
 from tests.conftest import relerr
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -73,22 +74,36 @@ def default_config(head_dim: int) -> MosaicConfig:
     return MosaicConfig()
 
 
-def unsupported_reason(q: Array, k: Array, mask: Any) -> str | None:
-    """Why these arguments cannot run here (``None``: they can). Checked before any tracing of a Mosaic kernel."""
-    if plgpu is None:
-        return "this JAX has no jax.experimental.pallas.mosaic_gpu"
-    if jax.__version__ not in SUPPORTED_JAX:
-        return f"the Mosaic GPU kernels are tested on JAX {', '.join(SUPPORTED_JAX)}, not {jax.__version__}"
+def unsupported_reason(q: Array, k: Array, mask: Any, backward: bool = False) -> str | None:
+    """Why the Mosaic kernels cannot run this call (``None``: they can); ``backward`` asks about the backward pass.
+
+    On a Hopper GPU whose JAX is not in ``SUPPORTED_JAX`` this warns once: ``"auto"``/``"pallas"`` then use Triton.
+    """
     if not isinstance(mask, WindowMask):
-        return "the Mosaic GPU kernels serve causal/full/window/multi-scale masks, not block-sparse ones"
+        return "the Mosaic GPU kernels serve causal, full, window and multi-scale masks, not block-sparse ones"
     if q.dtype not in map(jnp.dtype, DTYPES):
         return f"the Mosaic GPU kernels take bfloat16 or float16 inputs, not {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:
         return f"the Mosaic GPU kernels take head_dim in {HEAD_DIMS}, not {q.shape[-1]}"
+    if backward and q.shape[-1] > 128:
+        return "the Mosaic GPU backward takes head_dim <= 128 (its tiles at 256 exceed shared memory)"
     device = jax.devices()[0]
-    if device.platform != "gpu" or float(getattr(device, "compute_capability", "0")) < 9.0:
+    if device.platform != "gpu" or float(getattr(device, "compute_capability", 0) or 0) < 9.0:
         return f"the Mosaic GPU kernels need an NVIDIA GPU of compute capability >= 9.0, not {device.device_kind}"
+    if plgpu is None or jax.__version__ not in SUPPORTED_JAX:
+        _warn_untested_jax()
+        return f"the Mosaic GPU kernels are tested on JAX {', '.join(SUPPORTED_JAX)}, not {jax.__version__}"
     return None
+
+
+@functools.cache
+def _warn_untested_jax() -> None:
+    warnings.warn(
+        f"complexity-jax: the Mosaic GPU kernels are tested on JAX {', '.join(SUPPORTED_JAX)} and this is JAX"
+        f" {jax.__version__} (Mosaic GPU's API changes between releases); softmax attention runs the Triton kernels",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 class _Static(NamedTuple):

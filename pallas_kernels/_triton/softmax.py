@@ -35,7 +35,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.block_ranges import BlockRange, Phase, kv_block_range, q_block_range
 from pallas_kernels.block_tables import RowPieces, band, block_tables, split_long_rows
-from pallas_kernels.masks import SparseMask
+from pallas_kernels.masks import SparseMask, WindowMask
 
 from .compiler import compiler_params, pl, plgpu
 
@@ -114,85 +114,61 @@ def default_config(q_len: int, kv_len: int, head_dim: int, dtype: Any, unlimited
     )
 
 
-def softmax_attention(
+def sparse_config(q_len: int, kv_len: int, head_dim: int, dtype: Any, mask: SparseMask) -> KernelConfig:
+    """``default_config`` with tiles no larger than ``mask.block_size`` where that is a power of two >= 16, so tiles
+    do not straddle mask blocks."""
+    config = default_config(q_len, kv_len, head_dim, dtype)
+    bs = mask.block_size
+    if bs < _MIN_BLOCK or bs & (bs - 1):
+        return config
+    # Measured on an H200 at S=16384, block 64, d128 bf16 (BENCHMARKS.md): 64x64 forward tiles run 1.5x faster with
+    # 4 warps than 8; 64x64 backward tiles 11% faster than 64x32 once long key rows are split.
+    block_q = min(config.block_q, bs)
+    return dataclasses.replace(
+        config,
+        block_q=block_q,
+        block_k=min(config.block_k, bs),
+        block_q_bwd=min(config.block_q_bwd, bs),
+        block_k_bwd=min(config.block_k_bwd, bs),
+        num_warps=min(config.num_warps, 4) if block_q <= 64 else config.num_warps,
+    )
+
+
+def config_for(q: Array, k: Array, mask: WindowMask | SparseMask) -> KernelConfig:
+    """The default config of one call."""
+    q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    if isinstance(mask, SparseMask):
+        return sparse_config(q_len, kv_len, head_dim, q.dtype, mask)
+    return default_config(q_len, kv_len, head_dim, q.dtype, unlimited=all(w is None for w in mask.windows))
+
+
+def forward(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],
     v: Float[Array, "batch kv_len kv_heads head_dim"],
-    *,
-    windows: tuple[int | None, ...],
-    causal: bool,
+    mask: WindowMask | SparseMask,
     softmax_scale: float,
-    interpret: bool = False,
-    config: KernelConfig | None = None,
-) -> Float[Array, "batch q_len heads head_dim"]:
-    """Windowed (per query head) causal or bidirectional softmax attention with GQA; output in ``q.dtype``.
-
-    ``windows[h]`` is the window of query head ``h`` (``None`` = unlimited); ``config=None`` picks
-    ``default_config``. Differentiable (custom VJP) and usable under ``jit``/``vmap``.
-    """
-    _check_shapes(q, k, v)
-    _, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
-    windows = tuple(windows)
-    if len(windows) != heads or any(w is not None and w < 1 for w in windows):
-        raise ValueError(f"need one window >= 1 (or None) per query head, got {windows} for {heads} heads")
-    if causal and q_len > kv_len:
-        raise ValueError(f"causal attention needs q_len <= kv_len, got {q_len} > {kv_len}")
-    if config is None:
-        config = default_config(q_len, kv_len, head_dim, q.dtype, unlimited=all(w is None for w in windows))
-    return _attention(q, k, v, _Windows(windows, bool(causal)), float(softmax_scale), bool(interpret), config)
+    interpret: bool,
+    config: KernelConfig,
+) -> tuple[Float[Array, "batch q_len heads head_dim"], Float[Array, "batch heads q_len"]]:
+    """Output (``q.dtype``) and base-2 log-sum-exp ``[batch, heads, q_len]`` (``+inf`` on rows that see no key)."""
+    return _forward(q, k, v, _kernel_mask(mask), softmax_scale, interpret, config)
 
 
-def sparse_attention(
-    q: Float[Array, "batch q_len heads head_dim"],
-    k: Float[Array, "batch kv_len kv_heads head_dim"],
-    v: Float[Array, "batch kv_len kv_heads head_dim"],
-    *,
-    mask: SparseMask,
+def backward(
+    mask: WindowMask | SparseMask,
     softmax_scale: float,
-    interpret: bool = False,
-    config: KernelConfig | None = None,
-) -> Float[Array, "batch q_len heads head_dim"]:
-    """Block-sparse softmax attention with GQA under ``mask`` (as ``masks.sparse_mask``); output in ``q.dtype``.
-
-    Queries are the last ``q_len <= kv_len`` positions. ``config=None`` picks ``default_config`` with tiles no
-    larger than ``mask.block_size`` where that is a power of two >= 16, so tiles do not straddle mask blocks.
-    Differentiable (custom VJP) and usable under ``jit``/``vmap``.
-    """
-    _check_shapes(q, k, v)
-    _, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
-    if mask.num_heads != heads:
-        raise ValueError(f"mask.num_heads={mask.num_heads} must equal the number of query heads {heads}")
-    if q_len > kv_len:
-        raise ValueError(f"sparse attention needs q_len <= kv_len, got {q_len} > {kv_len}")
-    if config is None:
-        config = default_config(q_len, kv_len, head_dim, q.dtype)
-        bs = mask.block_size
-        if bs >= _MIN_BLOCK and bs & (bs - 1) == 0:
-            # Measured on an H200 at S=16384, block 64, d128 bf16 (BENCHMARKS.md): 64x64 forward tiles run 1.5x
-            # faster with 4 warps than 8; 64x64 backward tiles 11% faster than 64x32 once long key rows are split.
-            block_q = min(config.block_q, bs)
-            config = dataclasses.replace(
-                config,
-                block_q=block_q,
-                block_k=min(config.block_k, bs),
-                block_q_bwd=min(config.block_q_bwd, bs),
-                block_k_bwd=min(config.block_k_bwd, bs),
-                num_warps=min(config.num_warps, 4) if block_q <= 64 else config.num_warps,
-            )
-    return _attention(q, k, v, _Sparse(mask), float(softmax_scale), bool(interpret), config)
+    interpret: bool,
+    config: KernelConfig,
+    res: tuple[Array, Array, Array, Array, Array],
+    do: Float[Array, "batch q_len heads head_dim"],
+) -> tuple[Array, Array, Array]:
+    """dQ, dK, dV from the residuals ``(q, k, v, out, lse)`` of either backend's forward."""
+    return _backward(_kernel_mask(mask), softmax_scale, interpret, config, res, do)
 
 
-def _check_shapes(q: Array, k: Array, v: Array) -> None:
-    batch, _, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if heads % kv_heads:
-        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+def _kernel_mask(mask: WindowMask | SparseMask) -> _Mask:
+    return _Sparse(mask) if isinstance(mask, SparseMask) else _Windows(tuple(mask.windows), bool(mask.causal))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -829,21 +805,4 @@ def _backward(
     return dq, dk, dv
 
 
-# --------------------------------------------------------------------------------------------------------------
-# custom_vjp glue: only O(S) residuals (q, k, v, out, lse) are saved.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, mask, softmax_scale, interpret, config):
-    return _forward(q, k, v, mask, softmax_scale, interpret, config)[0]
-
-
-def _attention_fwd(q, k, v, mask, softmax_scale, interpret, config):
-    out, lse = _forward(q, k, v, mask, softmax_scale, interpret, config)
-    return out, (q, k, v, out, lse)
-
-
-_attention.defvjp(_attention_fwd, _backward)
-
-
-__all__ = ["KernelConfig", "default_config", "softmax_attention", "sparse_attention"]
+__all__ = ["KernelConfig", "backward", "config_for", "default_config", "forward", "sparse_config"]
