@@ -3,6 +3,7 @@
 Layout ``[batch, seq, heads, head_dim]``; keys/values may have fewer heads (GQA).
 """
 
+from pallas_kernels._mosaic.softmax import MosaicConfig
 from pallas_kernels._triton.decode import DecodeConfig
 from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels.linear_attention import linear_attention
@@ -20,6 +21,7 @@ __all__ = [
     "DecodeConfig",
     "KernelConfig",
     "LinearState",
+    "MosaicConfig",
     "SparseMask",
     "WindowMask",
     "attention_at_positions",
