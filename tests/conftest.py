@@ -35,6 +35,16 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def gpu_target(device_kind: str = "NVIDIA H200"):
+    """A context for lowering GPU kernels on a host without a GPU (``lower(lowering_platforms=("cuda",))``).
+
+    JAX 0.12's Triton lowering reads the target GPU's kind from the abstract mesh (its launch settings depend on
+    it) and raises without one; JAX 0.10 and 0.11 accept it and lower as before.
+    """
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 def x64():
     """A context in which JAX computes in float64."""
     return jax.enable_x64(True)

@@ -12,7 +12,7 @@ from pallas_kernels import _softmax_kernels
 from pallas_kernels._dispatch import choose_backend
 from pallas_kernels._mosaic import softmax as mosaic
 from pallas_kernels.masks import SparseMask, WindowMask
-from tests.conftest import relerr
+from tests.conftest import gpu_target, relerr
 
 BOTH = {"mosaic": None, "triton": None}
 TRITON_ONLY = {"mosaic": "no Hopper GPU", "triton": None}
@@ -111,6 +111,8 @@ def test_mosaic_kernels_lower_for_a_hopper_gpu():
     mask, config = WindowMask((16, 100, None, None), causal=True), mosaic.MosaicConfig()
     fwd = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, 0.125, config))
     bwd = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(mask, 0.125, config, (q, k, v, o, lse), do))
-    for lowered in (fwd.trace(q, k, k).lower(lowering_platforms=("cuda",)),
-                    bwd.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",))):
+    with gpu_target():
+        lowered = (fwd.trace(q, k, k).lower(lowering_platforms=("cuda",)),
+                   bwd.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)))
+    for lowered in lowered:
         assert "mosaic_gpu" in lowered.as_text().lower()

@@ -9,7 +9,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels._triton.decode import DecodeConfig, _split_blocks, _Static, decode_attention, default_config
-from tests.conftest import relerr
+from tests.conftest import gpu_target, relerr
 
 
 def reference(q, k, v, lengths, windows, scale) -> np.ndarray:
@@ -156,7 +156,9 @@ def test_lowers_to_triton(t, heads, head_dim, dtype):
     kv = jax.ShapeDtypeStruct((8, 32768, 8, head_dim), dtype)
     windows = (None, 1024) * (heads // 2)
     fn = lambda q, k, v, lengths: decode_attention(q, k, v, lengths, windows=windows, softmax_scale=0.1)
-    lowered = jax.jit(fn).trace(q, kv, kv, jax.ShapeDtypeStruct((8,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    with gpu_target():
+        lowered = jax.jit(fn).trace(q, kv, kv, jax.ShapeDtypeStruct((8,), jnp.int32)).lower(
+            lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 
