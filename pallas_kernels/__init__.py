@@ -6,6 +6,7 @@ Layout ``[batch, seq, heads, head_dim]``; keys/values may have fewer heads (GQA)
 from pallas_kernels._mosaic.softmax import MosaicConfig
 from pallas_kernels._triton.decode import DecodeConfig
 from pallas_kernels._triton.softmax import KernelConfig
+from pallas_kernels.context_parallel import context_parallel_attention, context_parallel_linear_attention
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.masks import SparseMask, WindowMask, sparse_mask
 from pallas_kernels.reference import LinearState
@@ -25,6 +26,8 @@ __all__ = [
     "SparseMask",
     "WindowMask",
     "attention_at_positions",
+    "context_parallel_attention",
+    "context_parallel_linear_attention",
     "decode_attention",
     "flash_attention",
     "linear_attention",

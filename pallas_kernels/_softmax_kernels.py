@@ -46,43 +46,38 @@ class Plan:
                 raise ValueError(f"{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
 
 
-def _forward(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Array]:
+def forward(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Array]:
+    """Output and base-2 log-sum-exp of ``plan.forward_backend`` (``plan`` as returned by ``prepare``)."""
     if plan.forward_backend == "mosaic":
         return mosaic.forward(q, k, v, plan.mask, plan.softmax_scale, plan.mosaic_config)
     return triton.forward(q, k, v, plan.mask, plan.softmax_scale, plan.interpret, plan.triton_config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, plan: Plan):
-    return _forward(q, k, v, plan)[0]
-
-
-def _attention_fwd(q, k, v, plan: Plan):
-    out, lse = _forward(q, k, v, plan)
-    return out, (q, k, v, out, lse)  # O(S) residuals only
-
-
-def _attention_bwd(plan: Plan, res, do):
+def backward(plan: Plan, res: tuple[Array, Array, Array, Array, Array], do: Array) -> tuple[Array, Array, Array]:
+    """dQ, dK, dV of ``plan.backward_backend`` from residuals ``(q, k, v, out, lse)``; ``out``/``lse`` may be the
+    final ones of rows that also saw other keys (context parallelism)."""
     if plan.backward_backend == "mosaic":
         return mosaic.backward(plan.mask, plan.softmax_scale, plan.mosaic_config, res, do)
     return triton.backward(plan.mask, plan.softmax_scale, plan.interpret, plan.triton_config, res, do)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, plan: Plan):
+    return forward(q, k, v, plan)[0]
 
 
-def attention(
-    q: Float[Array, "batch q_len heads head_dim"],
-    k: Float[Array, "batch kv_len kv_heads head_dim"],
-    v: Float[Array, "batch kv_len kv_heads head_dim"],
-    plan: Plan,
-) -> Float[Array, "batch q_len heads head_dim"]:
-    """Softmax attention under ``plan.mask`` with ``plan``'s backends; output in ``q.dtype``. Differentiable.
+def _attention_fwd(q, k, v, plan: Plan):
+    out, lse = forward(q, k, v, plan)
+    return out, (q, k, v, out, lse)  # O(S) residuals only
 
-    Missing configs are filled with each backend's default for this shape. Any finite ``softmax_scale`` is
-    accepted: the kernels see a positive scale (a negative one flips the sign of ``q``, zero zeroes ``q``, which
-    gives the same function and gradients).
-    """
+
+_attention.defvjp(_attention_fwd, backward)
+
+
+def prepare(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Plan]:
+    """Checks shapes, fills missing configs with each backend's default for this shape, and makes the scale positive:
+    any finite ``softmax_scale`` is accepted (a negative one flips the sign of ``q``, zero zeroes ``q``, which gives
+    the same function and gradients). Returns the ``q`` and ``plan`` the kernels run."""
     _check_shapes(q, k, v, plan.mask)
     if plan.triton_config is None and "triton" in (plan.forward_backend, plan.backward_backend):
         plan = dataclasses.replace(plan, triton_config=triton.config_for(q, k, plan.mask))
@@ -92,6 +87,18 @@ def attention(
     if scale <= 0:
         q = q * jnp.asarray(-1 if scale < 0 else 0, q.dtype)
         plan = dataclasses.replace(plan, softmax_scale=-scale if scale < 0 else 1.0)
+    return q, plan
+
+
+def attention(
+    q: Float[Array, "batch q_len heads head_dim"],
+    k: Float[Array, "batch kv_len kv_heads head_dim"],
+    v: Float[Array, "batch kv_len kv_heads head_dim"],
+    plan: Plan,
+) -> Float[Array, "batch q_len heads head_dim"]:
+    """Softmax attention under ``plan.mask`` with ``plan``'s backends (see ``prepare``); output in ``q.dtype``.
+    Differentiable."""
+    q, plan = prepare(q, k, v, plan)
     return _attention(q, k, v, plan)
 
 
@@ -143,4 +150,4 @@ def _check_shapes(q: Array, k: Array, v: Array, mask: WindowMask | SparseMask) -
         raise ValueError(f"causal and sparse attention need q_len <= kv_len, got {q_len} > {kv_len}")
 
 
-__all__ = ["BACKENDS", "Plan", "attention", "softmax_attention", "sparse_attention"]
+__all__ = ["BACKENDS", "Plan", "attention", "backward", "forward", "prepare", "softmax_attention", "sparse_attention"]

@@ -12,6 +12,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels._vma import vary_like
+
+_LOG2E = 1.4426950408889634
+
 LINEAR_EPS = 1e-6
 
 
@@ -42,6 +46,65 @@ def softmax_attention(
     weights = weights / jnp.where(total == 0, 1.0, total)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(acc))
     return out.reshape(b, sq, h, d).astype(q.dtype)
+
+
+def softmax_forward_with_lse(
+    q: Float[Array, "b sq h d"],
+    k: Float[Array, "b sk kvh d"],
+    v: Float[Array, "b sk kvh d"],
+    visible: Bool[Array, "#b h sq sk"],
+    softmax_scale: float,
+) -> tuple[Float[Array, "b sq h d"], Float[Array, "b h sq"]]:
+    """Output (``q.dtype``) and base-2 log-sum-exp ``[b, h, sq]`` (``+inf`` on rows that see no key): the kernels'
+    forward contract, densely (the XLA backend of ``context_parallel_attention``)."""
+    b, sq, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    acc = _accumulation_dtype(q.dtype)
+    logits = _grouped_logits(q, k, acc) * softmax_scale
+    logits = jnp.where(visible.reshape(visible.shape[0], kvh, h // kvh, sq, sk), logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(logits - row_max)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights / jnp.where(total == 0, 1.0, total), v.astype(acc))
+    lse = jnp.where(total == 0, jnp.inf, (row_max + jnp.log(jnp.where(total == 0, 1.0, total))) * _LOG2E)
+    return out.reshape(b, sq, h, d).astype(q.dtype), lse.reshape(b, h, sq)
+
+
+def softmax_backward_from_lse(
+    q: Float[Array, "b sq h d"],
+    k: Float[Array, "b sk kvh d"],
+    v: Float[Array, "b sk kvh d"],
+    out: Float[Array, "b sq h d"],
+    lse: Float[Array, "b h sq"],
+    d_out: Float[Array, "b sq h d"],
+    visible: Bool[Array, "#b h sq sk"],
+    softmax_scale: float,
+) -> tuple[Array, Array, Array]:
+    """dQ, dK, dV of the keys ``k``/``v`` given the FINAL ``out`` and base-2 ``lse`` of each query row, which may have
+    seen other keys too (the kernels' backward contract, densely): ``p = exp2(log2(e) s - lse)``,
+    ``dS = p (dO V^T - rowsum(dO * O))``."""
+    b, sq, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    group = h // kvh
+    acc = _accumulation_dtype(q.dtype)
+    logits = _grouped_logits(q, k, acc) * (softmax_scale * _LOG2E)
+    logits = jnp.where(visible.reshape(visible.shape[0], kvh, group, sq, sk), logits, -jnp.inf)
+    p = jnp.exp2(logits - lse.reshape(b, kvh, group, sq)[..., None])
+    do = d_out.astype(acc).reshape(b, sq, kvh, group, d)
+    delta = jnp.einsum("bqhgd,bqhgd->bhgq", do, out.astype(acc).reshape(b, sq, kvh, group, d))
+    ds = p * (jnp.einsum("bqhgd,bkhd->bhgqk", do, v.astype(acc)) - delta[..., None])
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k.astype(acc)).reshape(q.shape) * softmax_scale
+    dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, q.astype(acc).reshape(b, sq, kvh, group, d)) * softmax_scale
+    dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, do)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _grouped_logits(q: Array, k: Array, acc) -> Float[Array, "b kvh g sq sk"]:
+    b, sq, h, d = q.shape
+    kvh = k.shape[2]
+    q_grouped = q.reshape(b, sq, kvh, h // kvh, d)
+    return jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=acc)
 
 
 def _accumulation_dtype(dtype) -> jnp.dtype:
@@ -110,7 +173,8 @@ def linear_attention(
     fk = phi(k.astype(acc))
     vf = v.astype(acc)
     state = zero_linear_state(b, kvh, d) if initial_state is None else initial_state
-    kv0, ksum0 = state.kv.astype(acc), state.k_sum.astype(acc)
+    # Inside shard_map the carry must vary over the same mesh axes as the inputs.
+    kv0, ksum0 = (vary_like(x.astype(acc), fk) for x in state)
 
     if not causal:
         kv = kv0 + jnp.einsum("bshd,bshe->bhde", fk, vf)

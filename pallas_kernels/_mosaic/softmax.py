@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from pallas_kernels._vma import out_struct
 from pallas_kernels.block_ranges import BlockRange, kv_block_range, q_block_range
 from pallas_kernels.masks import UNLIMITED_WINDOW, WindowMask
 
@@ -377,8 +378,8 @@ def _forward_call(q, k, v, st: _Static, windows, config: MosaicConfig):
     return _kernel_call(
         body,
         inputs=(q, k, v),
-        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((batch, heads, q_len_padded), jnp.float32)),
+        out_type=(out_struct(q.shape, q.dtype, q),
+                  out_struct((batch, heads, q_len_padded), jnp.float32, q)),
         scratch=(
             (
                 plgpu.SMEM((2, bq, head_dim), q.dtype, transforms=transforms),
@@ -597,7 +598,7 @@ def _backward_calls(q, k, v, do, lse, delta, st: _Static, windows, config: Mosai
     dq = _kernel_call(
         functools.partial(_dq_kernel, **common),
         inputs=(q, k, v, do, lse, delta),
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_type=out_struct(q.shape, q.dtype, q),
         scratch=(
             (tile(2, bq, head_dim), tile(2, bq, head_dim), vector(2, bq), vector(2, bq),
              tile(stages, bk, head_dim), tile(stages, bk, head_dim)),
@@ -610,7 +611,7 @@ def _backward_calls(q, k, v, do, lse, delta, st: _Static, windows, config: Mosai
     dk, dv = _kernel_call(
         functools.partial(_dkv_kernel, **common),
         inputs=(q, k, v, do, lse, delta),
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        out_type=(out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)),
         scratch=(
             (tile(2, bk, head_dim), tile(2, bk, head_dim), tile(stages, bq, head_dim), tile(stages, bq, head_dim),
              vector(stages, bq), vector(stages, bq)),

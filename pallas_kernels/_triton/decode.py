@@ -29,7 +29,9 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels._vma import out_struct
 from pallas_kernels import reference
+from pallas_kernels.block_ranges import int_div
 from pallas_kernels.masks import WindowMask
 
 from .compiler import compiler_params, pl, plgpu
@@ -173,9 +175,9 @@ def _split_blocks(
     """
     bk, s = st.block_k, st.num_splits
     kv_end = jnp.maximum(jnp.minimum(length, st.capacity), 0)
-    first = lax.div(jnp.maximum(length - st.q_len - max_window + 1, 0), bk)
-    last = jnp.maximum(lax.div(kv_end + bk - 1, bk), first)
-    per_split = lax.div(last - first + s - 1, s)
+    first = int_div(jnp.maximum(length - st.q_len - max_window + 1, 0), bk)
+    last = jnp.maximum(int_div(kv_end + bk - 1, bk), first)
+    per_split = int_div(last - first + s - 1, s)
     start = jnp.minimum(first + split * per_split, last)
     return start, jnp.minimum(start + per_split, last)
 
@@ -184,7 +186,7 @@ def _load_kv(ref, slot_ok, st: _Static) -> Array:
     """Loads a ``[block_k, head_dim_padded]`` tile; slots outside the filled cache and padded columns read 0."""
     mask = slot_ok[:, None]
     if st.head_dim < st.head_dim_padded:
-        mask = mask & (jnp.arange(st.head_dim_padded) < st.head_dim)[None, :]
+        mask = mask & (jnp.arange(st.head_dim_padded, dtype=jnp.int32) < st.head_dim)[None, :]
     return plgpu.load(ref, mask=mask, other=0.0)
 
 
@@ -205,7 +207,7 @@ def _decode_kernel(len_ref, w_ref, off_ref, q_ref, k_ref, v_ref, acc_ref, m_ref,
 
     def step(kb, carry):
         acc, m, l = carry
-        k_pos = kb * bk + jnp.arange(bk)
+        k_pos = kb * bk + jnp.arange(bk, dtype=jnp.int32)
         # Also guards against garbage (even NaN) in the unfilled part of the cache.
         slot_ok = k_pos < kv_end
         slots = pl.ds(kb * bk, bk)
@@ -277,7 +279,7 @@ def _forward(
     kv_rows = max(pl.next_power_of_2(capacity), st.block_k)
     kv_spec = pl.BlockSpec((None, kv_rows, None, dp), lambda s, b, g: (b, 0, g, 0))
     part_spec = pl.BlockSpec((None, None, None, rows), lambda s, b, g: (b, g, s, 0))
-    part_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32)
+    part_shape = out_struct((batch, kv_heads, splits, rows), jnp.float32, q)
     acc, m, l = pl.pallas_call(
         functools.partial(_decode_kernel, st=st),
         grid=(splits, batch, kv_heads),
@@ -290,7 +292,7 @@ def _forward(
             kv_spec,
         ],
         out_specs=[pl.BlockSpec((None, None, None, rows, dp), lambda s, b, g: (b, g, s, 0, 0)), part_spec, part_spec],
-        out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, dp), jnp.float32), part_shape, part_shape],
+        out_shape=[out_struct((batch, kv_heads, splits, rows, dp), jnp.float32, q), part_shape, part_shape],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="decode_attention",

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from pallas_kernels._vma import out_struct
+from pallas_kernels.block_ranges import int_div
 from pallas_kernels.reference import LinearState
 
 from .compiler import compiler_params, pl, plgpu
@@ -134,7 +136,7 @@ def _state_kernel(k_ref, v_ref, kv0_ref, ksum0_ref, kv_ref, ksum_ref, *chunk_ref
     d = k_ref.shape[-1]
     tile_v = v_ref.shape[-1]
     dot = functools.partial(_dot, dtype=k_ref.dtype)
-    rows = jnp.arange(chunk)
+    rows = jnp.arange(chunk, dtype=jnp.int32)
     first_tile = pl.program_id(2) == 0
 
     def body(c, carry):
@@ -162,7 +164,7 @@ def _state_grad_kernel(
     d = q_ref.shape[-1]
     tile_v = do_ref.shape[-1]
     dot = functools.partial(_dot, dtype=q_ref.dtype)
-    rows = jnp.arange(chunk)
+    rows = jnp.arange(chunk, dtype=jnp.int32)
     first_tile = pl.program_id(2) == 0
     num_chunks = pl.cdiv(seq_len, chunk)
 
@@ -193,8 +195,9 @@ def _state_grad_kernel(
 def _program_chunk(chunk: int, seq_len: int, d: int):
     """The chunk of a chunk-parallel program (third grid axis): its first row, row numbers, in-sequence rows, their
     ``[chunk, d]`` mask and the tile index of the chunk's rows."""
-    start = pl.program_id(2) * chunk
-    rows = jnp.arange(chunk)
+    # The default int dtype (int64 under jax_enable_x64), as the indices Pallas's interpreter gives masked stores.
+    start = (pl.program_id(2) * chunk).astype(jax.dtypes.canonicalize_dtype(jnp.int64))
+    rows = jnp.arange(chunk, dtype=jnp.int32)
     valid = start + rows < seq_len
     return start, rows, valid, _row_mask(valid, d), (pl.ds(start, chunk), slice(None))
 
@@ -292,7 +295,7 @@ class _Specs:
         self.seq_len, self.d, self.group, self.by_kv, self.tile = seq_len, d, group, by_kv, tile
 
     def _kv_head(self, h):
-        return h if self.by_kv else lax.div(h, self.group)
+        return h if self.by_kv else int_div(h, self.group)
 
     def q(self, tiled: bool = False) -> pl.BlockSpec:
         """[batch, seq, heads, d]: one head, or the whole group when the grid runs over KV heads."""
@@ -323,16 +326,17 @@ class _Specs:
         """[batch, kv_heads, d]."""
         return pl.BlockSpec((None, None, self.d), lambda b, h, *_: (b, self._kv_head(h), 0))
 
-    def chunk_outputs(self, batch: int, kv_heads: int, num_chunks: int, dtype) -> tuple[list, list]:
+    def chunk_outputs(self, batch: int, kv_heads: int, num_chunks: int, dtype, like: Array) -> tuple[list, list]:
         """(specs, shapes) of a walk's per-chunk outputs: every chunk's state ``[batch, kv_heads, chunks, d, d]`` in
-        ``dtype`` (the ``tile`` columns of the third grid axis per program) and its sum ``[.., chunks, d]`` in fp32."""
+        ``dtype`` (the ``tile`` columns of the third grid axis per program) and its sum ``[.., chunks, d]`` in fp32;
+        they vary over the manual mesh axes of ``like``."""
         specs = [
             pl.BlockSpec((None, None, num_chunks, self.d, self.tile), lambda b, h, j: (b, h, 0, 0, j)),
             pl.BlockSpec((None, None, num_chunks, self.d), lambda b, h, *_: (b, h, 0, 0)),
         ]
         shapes = [
-            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, self.d, self.d), dtype),
-            jax.ShapeDtypeStruct((batch, kv_heads, num_chunks, self.d), jnp.float32),
+            out_struct((batch, kv_heads, num_chunks, self.d, self.d), dtype, like),
+            out_struct((batch, kv_heads, num_chunks, self.d), jnp.float32, like),
         ]
         return specs, shapes
 
@@ -378,7 +382,7 @@ def _forward(cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv0: StateKV, ksum
         _chunk_out_kernel, cfg, (batch, heads, pl.cdiv(seq_len, cfg.chunk)),
         [sp.q(), sp.kv(), sp.kv(), sp.state_of_chunk(cfg.causal), sp.sum_of_chunk(cfg.causal)],
         [sp.q(), sp.rows()],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)],
+        [out_struct(q.shape, q.dtype, q), out_struct((batch, heads, seq_len), jnp.float32, q)],
         "linear_attention_chunk_out", d, seq_len=seq_len, causal=cfg.causal,
     )(q, k, v, states.kv, states.k_sum)
     return out, kv, ksum, den, states
@@ -396,9 +400,9 @@ def _walk(cfg: _Config, kernel, name: str, heads_per_kv: int, in_specs, args: tu
     tile, num_chunks = min(d, cfg.tile), pl.cdiv(seq_len, cfg.chunk)
     sp = _Specs(seq_len, d, heads_per_kv, by_kv=True, tile=tile)
     out_specs = [sp.state("cols"), sp.state_sum()]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in final]
+    out_shape = [out_struct(x.shape, jnp.float32, args[0]) for x in final]
     if cfg.causal:
-        specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, chunk_dtype)
+        specs, shapes = sp.chunk_outputs(batch, kv_heads, num_chunks, chunk_dtype, args[0])
         out_specs, out_shape = out_specs + specs, out_shape + shapes
     state, state_sum, *chunks = _call(
         kernel, cfg, (batch, kv_heads, d // tile), in_specs(sp), out_specs, out_shape, name, d, seq_len=seq_len,
@@ -434,7 +438,7 @@ def _chunk_dq(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, out: 
         [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.q(), sp.rows(), sp.state_of_chunk(cfg.causal),
          sp.sum_of_chunk(cfg.causal)],
         [sp.q(), sp.rows()],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, jnp.float32)],
+        [out_struct(q.shape, q.dtype, q), out_struct(den.shape, jnp.float32, q)],
         "linear_attention_chunk_dq", d, seq_len=seq_len, causal=cfg.causal,
     )(q, k, v, do, out, den, states.kv, states.k_sum)
 
@@ -449,7 +453,7 @@ def _chunk_dkdv(cfg: _Config, q: QArray, k: KVArray, v: KVArray, do: QArray, den
         [sp.q(), sp.kv(), sp.kv(), sp.q(), sp.rows(), sp.rows(), sp.state_of_chunk(cfg.causal),
          sp.sum_of_chunk(cfg.causal)],
         [sp.kv(), sp.kv()],
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        [out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)],
         "linear_attention_chunk_dkdv", d, seq_len=seq_len, group=heads // kv_heads, causal=cfg.causal,
     )(q, k, v, do, den, r, grads.kv, grads.k_sum)
 

@@ -33,7 +33,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels.block_ranges import BlockRange, Phase, kv_block_range, q_block_range
+from pallas_kernels._vma import out_struct
+from pallas_kernels.block_ranges import BlockRange, Phase, int_div, kv_block_range, q_block_range
 from pallas_kernels.block_tables import RowPieces, band, block_tables, split_long_rows
 from pallas_kernels.masks import SparseMask, WindowMask
 
@@ -255,13 +256,13 @@ def _row_mask(start, size: int, length: int) -> Bool[Array, " size"] | None:
     """In-bounds rows of the tile ``[start, start + size)``; ``None`` when tiles never cross ``length``."""
     if length % size == 0:
         return None
-    return start + jnp.arange(size) < length
+    return start + jnp.arange(size, dtype=jnp.int32) < length
 
 
 def _tile_mask(row_ok: Bool[Array, " rows"] | None, st: _Static) -> Bool[Array, "rows head_dim_padded"] | None:
     mask = None if row_ok is None else row_ok[:, None]
     if st.head_dim < st.head_dim_padded:
-        head_ok = (jnp.arange(st.head_dim_padded) < st.head_dim)[None, :]
+        head_ok = (jnp.arange(st.head_dim_padded, dtype=jnp.int32) < st.head_dim)[None, :]
         mask = head_ok if mask is None else mask & head_ok
     return mask
 
@@ -346,7 +347,7 @@ class _WindowHead(NamedTuple):
 
     def rows(self, r0, block_q: int) -> _WindowRows:
         """The element mask of query rows ``[r0, r0 + block_q)``."""
-        return _WindowRows(r0 + self.st.offset + jnp.arange(block_q), self.window, self.st)
+        return _WindowRows(r0 + self.st.offset + jnp.arange(block_q, dtype=jnp.int32), self.window, self.st)
 
 
 class _WindowRows(NamedTuple):
@@ -430,8 +431,8 @@ class _SparseHead(NamedTuple):
     def rows(self, r0, block_q: int) -> _SparseRows:
         """The element mask of query rows ``[r0, r0 + block_q)``."""
         sparse, r = self.sparse, self.sparse.num_random_blocks
-        q_pos = r0 + self.st.offset + jnp.arange(block_q)
-        q_block = lax.div(q_pos, sparse.block_size)
+        q_pos = r0 + self.st.offset + jnp.arange(block_q, dtype=jnp.int32)
+        q_block = int_div(q_pos, sparse.block_size)
         before, after = band(sparse)
         rows = pl.ds(r0, block_q)
         random = tuple(plgpu.load(self.refs["random"].at[self.h * r + slot, rows]) for slot in range(r))
@@ -477,7 +478,7 @@ def _kv_block_scores(
     against it; ``masked`` (partial blocks) sets invisible ones, under ``q_rows``' element mask, to ``-inf``.
 
     Callers scale inside ``exp2(s * qk_scale - m)``, one fused multiply-add per score."""
-    k_pos = kb * block_k + jnp.arange(block_k)
+    k_pos = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
     k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
     rows = pl.ds(kb * block_k, block_k)
     k = _load_tile(k_ref.at[rows, :], k_ok, st)
@@ -534,7 +535,7 @@ def _static(q: Array, k: Array, causal: bool, softmax_scale: float) -> _Static:
 
 
 def _kv_head(h, group: int):
-    return h if group == 1 else lax.div(h, group)
+    return h if group == 1 else int_div(h, group)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
@@ -561,7 +562,7 @@ def _forward(
         grid=(pl.cdiv(q_len, bq), batch, heads),
         in_specs=[_whole_specs(mask_inputs), q_spec, kv_spec, kv_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+        out_shape=[out_struct(q.shape, q.dtype, q), out_struct((batch, heads, q_len), jnp.float32, q)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="softmax_attention_fwd",
@@ -691,7 +692,7 @@ def _dkdv_kernel(
     keys = pl.ds(j0, block_k)
     k = _load_tile(k_ref.at[keys, :], k_ok, st)
     v = _load_tile(v_ref.at[keys, :], k_ok, st)
-    k_pos = j0 + jnp.arange(block_k)
+    k_pos = j0 + jnp.arange(block_k, dtype=jnp.int32)
 
     def head_step(t, carry):
         h = g * group + t
@@ -752,7 +753,7 @@ def _backward(
         grid=q_grid,
         in_specs=[q_spec, q_spec],
         out_specs=row_spec,
-        out_shape=jax.ShapeDtypeStruct(lse.shape, jnp.float32),
+        out_shape=out_struct(lse.shape, jnp.float32, q),
         compiler_params=params,
         interpret=interpret,
         name="softmax_attention_bwd_delta",
@@ -767,7 +768,7 @@ def _backward(
         grid=q_grid,
         in_specs=[_whole_specs(dq_mask_inputs), q_spec, kv_all_spec, kv_all_spec, q_spec, row_spec, row_spec],
         out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=out_struct(q.shape, q.dtype, q),
         compiler_params=params,
         interpret=interpret,
         name="softmax_attention_bwd_dq",
@@ -782,10 +783,10 @@ def _backward(
     out_specs = [pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, jnp.maximum(j - n_extra, 0), g, 0))] * 2
     # With pieces, key blocks sum partials: the outputs stay fp32 until the sum.
     out_dtype = k.dtype if pieces is None else jnp.float32
-    out_shape = [jax.ShapeDtypeStruct(k.shape, out_dtype)] * 2
+    out_shape = [out_struct(k.shape, out_dtype, q)] * 2
     if pieces is not None:
         out_specs += [pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, jnp.minimum(j, n_extra - 1), g, 0))] * 2
-        out_shape += [jax.ShapeDtypeStruct((batch, n_extra * bk, kv_heads, k.shape[3]), jnp.float32)] * 2
+        out_shape += [out_struct((batch, n_extra * bk, kv_heads, k.shape[3]), jnp.float32, q)] * 2
     dkdv_mask_inputs = mask.inputs(st, bq, bk, by_key=True)
     dk, dv, *extra = pl.pallas_call(
         functools.partial(_dkdv_kernel, mask=mask, st=st, group=group, block_q=bq, block_k=bk, pieces=pieces),
