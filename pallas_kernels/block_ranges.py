@@ -55,6 +55,12 @@ class BlockRange(NamedTuple):
             ),
         )
 
+def int_div(x: Int[Array, ""], divisor: int) -> Int[Array, ""]:
+    """``x // divisor`` for ``x >= 0``: one truncating ``lax.div`` in ``x``'s integer dtype (a bare Python ``divisor``
+    would be int64 under ``jax_enable_x64``, which ``lax.div`` refuses beside an int32 ``x``)."""
+    return lax.div(x, jnp.asarray(divisor, jnp.result_type(x)))
+
+
 def offset_bounds(window: Int[Array, ""], causal: bool) -> tuple[Int[Array, ""], Int[Array, ""]]:
     """Visible ``i - j`` lies in ``[d_min, d_max]``."""
     return (0 if causal else 1 - window), window - 1
@@ -67,10 +73,10 @@ def block_range(any_lo, any_hi, all_lo, all_hi, length: int, block: int) -> Bloc
     ALL of them. Only in-bounds blocks count as entirely visible, so ragged tails land in the masked phase.
     """
     last = length - 1
-    lo = lax.div(jnp.maximum(any_lo, 0), block)
-    hi = jnp.maximum(lax.div(jnp.maximum(jnp.minimum(any_hi, last) + 1, 0) + block - 1, block), lo)
-    full_lo = lax.div(jnp.maximum(all_lo, 0) + block - 1, block)
-    full_hi = lax.div(jnp.maximum(jnp.minimum(all_hi, last) + 1, 0), block)
+    lo = int_div(jnp.maximum(any_lo, 0), block)
+    hi = jnp.maximum(int_div(jnp.maximum(jnp.minimum(any_hi, last) + 1, 0) + block - 1, block), lo)
+    full_lo = int_div(jnp.maximum(all_lo, 0) + block - 1, block)
+    full_hi = int_div(jnp.maximum(jnp.minimum(all_hi, last) + 1, 0), block)
     full_lo = jnp.minimum(jnp.maximum(full_lo, lo), hi)
     full_hi = jnp.minimum(jnp.maximum(full_hi, full_lo), hi)
     return BlockRange(lo, full_lo, full_hi, hi)
