@@ -1,26 +1,31 @@
 """``python -m complexity_jax.bench``: our kernels beside their peers, in one run, one table.
 
-Each case is timed forward and forward+backward (gradients w.r.t. q, k, v) with warm-up runs and the
-median of many ``block_until_ready`` runs, and reports ms, TFLOP/s over the *visible* (query, key) pairs
-(causal counts the triangle, windows their band; backward counted as 2.5× the forward, the
-FlashAttention convention) and the temporary memory of the compiled forward+backward executable.
-Peers: ``jax.nn.dot_product_attention`` with cuDNN and with XLA (where the S×S logits fit), JAX's
-built-in Pallas ``mha`` (it has no GQA: K/V are repeated inside its timed function), and for the linear
-suite flash-linear-attention (``fla-core``, carried to the GPU machine as a wheel).
+Each row times one attention call forward, and forward+backward (gradients of q, k and v): a few warm-up runs,
+then the median of many runs. It reports milliseconds, TFLOP/s over the (query, key) pairs the mask lets through
+(causal counts the triangle, a window its band; the backward counts as 2.5 forwards, as FlashAttention does) and
+the scratch memory of the compiled forward+backward.
 
-Suites (all by default, ``--suites`` picks): ``softmax`` (flash causal and a sliding window), ``multiscale``
-(against its local and global halves), ``sparse`` (BigBird mask beside our dense causal kernel), ``linear``
-(beside fla and our softmax kernel) and ``decode`` (one step against caches: µs, bandwidth vs a copy).
+Peers: cuDNN and XLA through ``jax.nn.dot_product_attention`` (XLA only where the S x S scores fit in memory),
+the Pallas ``mha`` kernel that ships with JAX (it has no GQA, so K/V are repeated inside its timed call) and, for
+linear attention, flash-linear-attention (``pip install fla-core``, with PyTorch; its row says so when missing).
 
-``--quick`` runs tiny shapes (the kernels in interpret mode off-GPU) to check the harness itself.
+Suites: softmax (causal, full and sliding-window attention), multiscale (beside its local and global heads run
+alone), sparse (a BigBird mask beside dense causal attention), linear (beside fla and causal softmax attention)
+and decode (one new token against a cache: time and memory bandwidth, beside a plain copy).
+
+Off a GPU the kernels run in Pallas interpret mode (an emulator: slow, and its times mean nothing); use
+``--quick`` there to check that everything runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import json
+import pathlib
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -28,12 +33,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import pallas_kernels as pk
-from complexity_jax.profiling import format_bytes, median_ms, temp_memory_bytes
+from complexity_jax.profiling import format_bytes, format_table, median_ms, temp_memory_bytes
 
 ON_GPU = jax.default_backend() == "gpu"
 XLA_LOGITS_BUDGET = 24 * 2**30  # skip the XLA peer where its S×S float32 logits would pass this
+SUITES = ("softmax", "multiscale", "sparse", "linear", "decode")
+JSON_FOLDER = pathlib.Path("bench_out")  # git-ignored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +113,27 @@ def measure(suite: str, case: str, impl: str, fn: Callable, shape: Shape, flops_
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One planned row: its labels, and the call that measures it (so a run knows its length before it starts)."""
+
+    suite: str
+    case: str
+    impl: str
+    seq_len: int
+    run: Callable[[], Result]
+
+    @property
+    def description(self) -> str:
+        return f"{self.suite} S={self.seq_len}: {self.case} / {self.impl}"
+
+
+def timed(suite: str, case: str, impl: str, fn: Callable, shape: Shape, flops_forward: float, repeats: int) -> Case:
+    """The ``Case`` that ``measure``s ``fn`` on ``shape``."""
+    return Case(suite, case, impl, shape.seq_len,
+                functools.partial(measure, suite, case, impl, fn, shape, flops_forward, repeats))
+
+
 def ours(interpret: bool, implementation: str = "pallas", **kwargs) -> dict:
     return {"implementation": implementation, "interpret": interpret, **kwargs}
 
@@ -132,9 +162,9 @@ def builtin_pallas_mha(shape: Shape, interpret: bool) -> Callable:
     return fn
 
 
-def softmax_suite(shape: Shape, seq_lens: list[int], window: int, repeats: int, interpret: bool,
-                  progress: Callable[[str], None]) -> list[Result]:
-    results = []
+def softmax_suite(shape: Shape, seq_lens: list[int], window: int, repeats: int, interpret: bool) -> list[Case]:
+    """Causal, full and sliding-window attention: each of our Pallas backends beside cuDNN, XLA and JAX's ``mha``."""
+    planned = []
     h = shape.num_heads
     for s in seq_lens:
         sh = dataclasses.replace(shape, seq_len=s)
@@ -152,77 +182,82 @@ def softmax_suite(shape: Shape, seq_lens: list[int], window: int, repeats: int, 
                 (f"window {window}", backend,
                  lambda q, k, v, o=impl: pk.flash_attention(q, k, v, window_size=window, **o), window_flops),
             ]
-        cases += [
-            ("flash causal", "cudnn", cudnn_or_xla("cudnn", None), causal_flops),
-            ("flash full", "cudnn", cudnn_or_xla("cudnn", None, causal=False), full_flops),
-            ("flash causal", "jax pallas mha", builtin_pallas_mha(sh, interpret), causal_flops),
-            (f"window {window}", "cudnn", cudnn_or_xla("cudnn", window), window_flops),
-        ]
+        if ON_GPU:
+            cases += [
+                ("flash causal", "cudnn", cudnn_or_xla("cudnn", None), causal_flops),
+                ("flash full", "cudnn", cudnn_or_xla("cudnn", None, causal=False), full_flops),
+                (f"window {window}", "cudnn", cudnn_or_xla("cudnn", window), window_flops),
+            ]
+        cases.append(("flash causal", "jax pallas mha", builtin_pallas_mha(sh, interpret), causal_flops))
         if fits_xla:
             cases += [("flash causal", "xla", cudnn_or_xla("xla", None), causal_flops),
                       (f"window {window}", "xla", cudnn_or_xla("xla", window), window_flops)]
-        if not ON_GPU:
-            cases = [c for c in cases if c[1] != "cudnn"]
-        for case, impl, fn, flops in cases:
-            progress(f"softmax S={s}: {case} / {impl}")
-            results.append(measure("softmax", case, impl, fn, sh, flops, repeats))
-    return results
+        planned += [timed("softmax", case, impl, fn, sh, flops, repeats) for case, impl, fn, flops in cases]
+    return planned
 
 
-def multiscale_suite(shape: Shape, repeats: int, interpret: bool, progress) -> list[Result]:
-    """Multi-scale against its two halves run alone: 16 local heads (256/512/1024) and 16 global heads."""
+def multiscale_windows(window: int, num_local_heads: int) -> tuple[int, ...]:
+    """The local heads' windows: ``window / 4``, ``/ 2`` and ``window`` itself, split evenly over the local heads."""
+    sizes = (window // 4, window // 2, window)
+    return tuple(sizes[i * len(sizes) // num_local_heads] for i in range(num_local_heads))
+
+
+def multiscale_suite(shape: Shape, window: int, repeats: int, interpret: bool) -> list[Case]:
+    """Multi-scale (half the heads local, with the windows of ``multiscale_windows``, half global) beside its two
+    halves run alone."""
     h, half = shape.num_heads, shape.num_heads // 2
-    windows = tuple((256, 512, 1024)[i * 3 // half] for i in range(half)) + (None,) * half
+    windows = multiscale_windows(window, half) + (None,) * (h - half)
+    local = "/".join(str(w) for w in sorted(set(windows[:half])))
     s, b, d = shape.seq_len, shape.batch, shape.head_dim
-    half_shape = dataclasses.replace(shape, num_heads=half, num_kv_heads=shape.num_kv_heads // 2)
+    half_shape = dataclasses.replace(shape, num_heads=half, num_kv_heads=max(1, shape.num_kv_heads // 2))
     flops = lambda ws: 4.0 * b * d * visible_pairs(s, ws)
-    results = []
+    planned = []
     for backend in SOFTMAX_BACKENDS:
         impl = ours(interpret, backend)
         cases = [
-            (f"multiscale {half} local + {h - half} global", shape, windows,
-             lambda q, k, v: pk.multiscale_attention(q, k, v, windows, **impl)),
-            (f"{half} local heads alone", half_shape, windows[:half],
-             lambda q, k, v: pk.multiscale_attention(q, k, v, windows[:half], **impl)),
+            (f"multiscale {half} local ({local}) + {h - half} global", shape, windows,
+             lambda q, k, v, o=impl: pk.multiscale_attention(q, k, v, windows, **o)),
+            (f"{half} local heads ({local}) alone", half_shape, windows[:half],
+             lambda q, k, v, o=impl: pk.multiscale_attention(q, k, v, windows[:half], **o)),
             (f"{h - half} global heads alone", half_shape, windows[half:],
-             lambda q, k, v: pk.flash_attention(q, k, v, **impl)),
+             lambda q, k, v, o=impl: pk.flash_attention(q, k, v, **o)),
         ]
-        for case, sh, ws, fn in cases:
-            progress(f"multiscale S={s}: {case} / {backend}")
-            results.append(measure("multiscale", case, backend, fn, sh, flops(ws), repeats))
-    return results
+        planned += [timed("multiscale", case, backend, fn, sh, flops(ws), repeats) for case, sh, ws, fn in cases]
+    return planned
 
 
-def linear_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool, progress) -> list[Result]:
-    """Causal elu linear attention (32 heads, no GQA) beside our causal flash kernel and, where importable,
-    flash-linear-attention's ``chunk_linear_attn(normalize=True)`` (PyPI ``fla-core``, over torch)."""
-    results = []
+def linear_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool) -> list[Case]:
+    """Causal elu linear attention (as many KV heads as query heads) beside our causal flash kernel and, where
+    importable, flash-linear-attention's ``chunk_linear_attn(normalize=True)`` (PyPI ``fla-core``, over torch)."""
+    planned = []
     h, d, b = shape.num_heads, shape.head_dim, shape.batch
     mha = dataclasses.replace(shape, num_kv_heads=h)
     for s in seq_lens:
         sh = dataclasses.replace(mha, seq_len=s)
         linear_flops = 4.0 * b * h * s * d * d  # phi(k) v^T state updates and phi(q) S reads, per token
         causal_flops = 4.0 * b * d * visible_pairs(s, (None,) * h)
-        progress(f"linear S={s}: ours")
-        results.append(measure("linear", "causal elu", "ours", lambda q, k, v: pk.linear_attention(
-            q, k, v, "elu", True, **ours(interpret))[0], sh, linear_flops, repeats))
-        progress(f"linear S={s}: fla")
-        results.append(fla_linear(sh, linear_flops, repeats))
-        progress(f"linear S={s}: our flash causal")
-        results.append(measure("linear", "flash causal (softmax)", "ours", lambda q, k, v: pk.flash_attention(
-            q, k, v, **ours(interpret)), sh, causal_flops, max(2, repeats // 4)))
-    return results
+        planned += [
+            timed("linear", "causal elu", "ours", lambda q, k, v: pk.linear_attention(
+                q, k, v, "elu", True, **ours(interpret))[0], sh, linear_flops, repeats),
+            Case("linear", "causal elu", FLA, s, functools.partial(fla_linear, sh, linear_flops, repeats)),
+            timed("linear", "flash causal (softmax)", "ours", lambda q, k, v: pk.flash_attention(
+                q, k, v, **ours(interpret)), sh, causal_flops, max(2, repeats // 4)),
+        ]
+    return planned
+
+
+FLA = "fla chunk_linear_attn"
 
 
 def fla_linear(shape: Shape, flops_forward: float, repeats: int) -> Result:
     """flash-linear-attention's chunked kernel on the same shapes, elu+1 applied in torch, timed by triton."""
-    result = Result("linear", "causal elu", "fla chunk_linear_attn", shape.seq_len)
+    result = Result("linear", "causal elu", FLA, shape.seq_len)
     try:
         import torch
         import triton
         from fla.ops.linear_attn import chunk_linear_attn
     except ImportError as e:
-        result.note = f"fla not importable: {e}"
+        result.note = f"not run: fla not importable ({e}); pip install fla-core on a GPU machine"
         return result
     try:
         dtype = getattr(torch, shape.dtype)
@@ -264,24 +299,25 @@ def sparse_visible_pairs(mask: pk.SparseMask, seq_len: int) -> int:
     return int(np.where(i < n_global, i + 1, total).sum())
 
 
-def sparse_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool, progress) -> list[Result]:
+def sparse_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool) -> list[Case]:
     """Causal BigBird mask (block 64, 1 global token, 3 local, 3 random blocks) beside our dense causal kernel;
     TFLOP/s count only the visible pairs of each."""
-    results = []
+    planned = []
     b, d, h = shape.batch, shape.head_dim, shape.num_heads
     for s in seq_lens:
         sh = dataclasses.replace(shape, seq_len=s)
         mask = pk.SparseMask(h, block_size=min(64, s), num_global_tokens=1, num_local_blocks=3, num_random_blocks=3)
-        sparse_flops = 4.0 * b * d * sparse_visible_pairs(mask, s)
-        causal_flops = 4.0 * b * d * visible_pairs(s, (None,) * h)
-        kwargs = dict(block_size=mask.block_size, num_global_tokens=1, num_local_blocks=3, num_random_blocks=3)
-        progress(f"sparse S={s}: block-sparse")
-        results.append(measure("sparse", "bigbird 64/1g/3l/3r", "ours", lambda q, k, v: pk.sparse_attention(
-            q, k, v, **kwargs, **ours(interpret)), sh, sparse_flops, repeats))
-        progress(f"sparse S={s}: dense causal")
-        results.append(measure("sparse", "dense flash causal", "ours", lambda q, k, v: pk.flash_attention(
-            q, k, v, **ours(interpret)), sh, causal_flops, max(2, repeats // 4)))
-    return results
+        label = (f"bigbird block {mask.block_size}, {mask.num_global_tokens} global, {mask.num_local_blocks} local,"
+                 f" {mask.num_random_blocks} random")
+        kwargs = {field: getattr(mask, field) for field in
+                  ("block_size", "num_global_tokens", "num_local_blocks", "num_random_blocks")}
+        planned += [
+            timed("sparse", label, "ours", lambda q, k, v, kw=kwargs: pk.sparse_attention(
+                q, k, v, **kw, **ours(interpret)), sh, 4.0 * b * d * sparse_visible_pairs(mask, s), repeats),
+            timed("sparse", "dense flash causal", "ours", lambda q, k, v: pk.flash_attention(
+                q, k, v, **ours(interpret)), sh, 4.0 * b * d * visible_pairs(s, (None,) * h), max(2, repeats // 4)),
+        ]
+    return planned
 
 
 def copy_bandwidth(num_bytes: int, repeats: int) -> float:
@@ -291,112 +327,172 @@ def copy_bandwidth(num_bytes: int, repeats: int) -> float:
     return 2 * num_bytes / (ms * 1e-3)
 
 
-def decode_suite(shape: Shape, contexts: list[int], batch: int, window: int, repeats: int, interpret: bool,
-                 progress) -> tuple[list[Result], float]:
+def decode_suite(shape: Shape, contexts: list[int], batch: int, window: int, repeats: int, interpret: bool
+                 ) -> list[Case]:
     """One decode step (one query per row, full caches of ``context`` slots) and a windowed step; the peers get
-    ``key_value_seq_lengths``. Returns the results and the copy bandwidth (bytes/s) measured on the largest cache."""
-    from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
-
+    ``key_value_seq_lengths``. Notes give the bandwidth as a share of a copy's, measured on the largest cache."""
     h, kvh, d, dtype = shape.num_heads, shape.num_kv_heads, shape.head_dim, jnp.dtype(shape.dtype)
     kv_bytes = lambda ctx: 2 * batch * ctx * kvh * d * dtype.itemsize
-    progress("decode: copy bandwidth")
-    bandwidth = copy_bandwidth(kv_bytes(max(contexts)), repeats)
-    results = []
+    largest = max(contexts)
+    copy = functools.cache(lambda: copy_bandwidth(kv_bytes(largest), repeats))
+    planned = [Case("decode", COPY_CASE, "xla", largest, functools.partial(measure_copy, largest, copy))]
     for ctx in contexts:
-        keys = jax.random.split(jax.random.key(ctx), 3)
-        q = jax.random.normal(keys[0], (batch, 1, h, d), dtype)
-        k = jax.random.normal(keys[1], (batch, ctx, kvh, d), dtype)
-        v = jax.random.normal(keys[2], (batch, ctx, kvh, d), dtype)
-        lengths = jnp.full((batch,), ctx, jnp.int32)
         cases = [
-            ("full context", "ours", kv_bytes(ctx), lambda q, k, v, n: pk.decode_attention(q, k, v, n, **ours(interpret))),
-            (f"window {window}", "ours", kv_bytes(min(window, ctx)), lambda q, k, v, n: pk.decode_attention(
-                q, k, v, n, window_size=window, **ours(interpret))),
-            ("full context", "jax pallas gqa", kv_bytes(ctx), lambda q, k, v, n: jax_decode.gqa(
-                q[:, 0], k, v, kv_seq_len=n, interpret=interpret)),
+            (f"full context, batch {batch}", "ours", kv_bytes(ctx),
+             lambda q, k, v, n: pk.decode_attention(q, k, v, n, **ours(interpret))),
+            (f"window {window}, batch {batch}", "ours", kv_bytes(min(window, ctx)),
+             lambda q, k, v, n: pk.decode_attention(q, k, v, n, window_size=window, **ours(interpret))),
+            (f"full context, batch {batch}", "jax pallas gqa", kv_bytes(ctx),
+             functools.partial(_builtin_pallas_decode, interpret=interpret)),
         ]
         for impl in (["cudnn", "xla"] if ON_GPU else ["xla"]):
-            cases.append(("full context", impl, kv_bytes(ctx), functools.partial(_sdpa_decode, implementation=impl)))
-        for case, impl, num_bytes, fn in cases:
-            progress(f"decode context={ctx}: {case} / {impl}")
-            result = Result("decode", case, impl, ctx)
-            try:
-                result.forward_ms = median_ms(jax.jit(fn), q, k, v, lengths, repeats=repeats, calls=20)
-                result.bandwidth_gb_s = num_bytes / result.forward_ms / 1e6
-                result.note = (f"{result.forward_ms * 1e3:.0f} us, {result.bandwidth_gb_s:.0f} GB/s"
-                               f" = {result.bandwidth_gb_s * 1e9 / bandwidth:.0%} of copy")
-            except Exception as e:  # a peer that cannot run this shape is reported, not fatal
-                result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-            results.append(result)
-    return results, bandwidth
+            cases.append((f"full context, batch {batch}", impl, kv_bytes(ctx),
+                          functools.partial(_sdpa_decode, implementation=impl)))
+        planned += [Case("decode", case, impl, ctx, functools.partial(
+            measure_decode, case, impl, fn, batch, ctx, shape, num_bytes, copy, repeats))
+            for case, impl, num_bytes, fn in cases]
+    return planned
+
+
+COPY_CASE = "copy of the largest K+V cache"
+
+
+def measure_copy(context: int, copy_bandwidth: Callable[[], float]) -> Result:
+    """The row of the copy that the decode rows' bandwidth is compared with."""
+    bandwidth = copy_bandwidth()
+    return Result("decode", COPY_CASE, "xla", context, bandwidth_gb_s=bandwidth / 1e9,
+                  note=f"{bandwidth / 1e9:.0f} GB/s: an elementwise pass (reads and writes), the bar for decode")
+
+
+def measure_decode(case: str, impl: str, fn: Callable, batch: int, context: int, shape: Shape, num_bytes: int,
+                   copy_bandwidth: Callable[[], float], repeats: int) -> Result:
+    """Times one decode step of ``fn(q, k, v, lengths)`` against full caches of ``context`` slots."""
+    h, kvh, d, dtype = shape.num_heads, shape.num_kv_heads, shape.head_dim, jnp.dtype(shape.dtype)
+    keys = jax.random.split(jax.random.key(context), 3)
+    q = jax.random.normal(keys[0], (batch, 1, h, d), dtype)
+    k = jax.random.normal(keys[1], (batch, context, kvh, d), dtype)
+    v = jax.random.normal(keys[2], (batch, context, kvh, d), dtype)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    result = Result("decode", case, impl, context)
+    try:
+        result.forward_ms = median_ms(jax.jit(fn), q, k, v, lengths, repeats=repeats, calls=20)
+        result.bandwidth_gb_s = num_bytes / result.forward_ms / 1e6
+        result.note = (f"{result.forward_ms * 1e3:.0f} us, {result.bandwidth_gb_s:.0f} GB/s"
+                       f" = {result.bandwidth_gb_s * 1e9 / copy_bandwidth():.0%} of copy")
+    except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+        result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return result
+
+
+def _builtin_pallas_decode(q, k, v, lengths, *, interpret: bool):
+    from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
+
+    return jax_decode.gqa(q[:, 0], k, v, kv_seq_len=lengths, interpret=interpret)
 
 
 def _sdpa_decode(q, k, v, lengths, *, implementation: str):
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
-def print_table(results: list[Result]) -> None:
-    header = (f"{'suite':<10} {'case':<32} {'impl':<15} {'S':>6} {'fwd ms':>8} {'TF/s':>6} "
-              f"{'f+b ms':>8} {'TF/s':>6} {'f+b temp':>10}  note")
-    print(header)
-    print("-" * len(header))
-    fmt = lambda x, spec: format(x, spec) if x is not None else "-"
-    for r in results:
-        print(f"{r.suite:<10} {r.case:<32} {r.impl:<15} {r.seq_len:>6} {fmt(r.forward_ms, '8.3f'):>8} "
-              f"{fmt(r.forward_tflops, '6.1f'):>6} {fmt(r.forward_backward_ms, '8.3f'):>8} "
-              f"{fmt(r.forward_backward_tflops, '6.1f'):>6} {format_bytes(r.temp_memory_bytes):>10}  {r.note}")
+def format_results(results: list[Result]) -> str:
+    """The results as an aligned table."""
+    header = ["suite", "case", "impl", "S", "fwd ms", "fwd TF/s", "f+b ms", "f+b TF/s", "f+b temp mem", "note"]
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
+    rows = [[r.suite, r.case, r.impl, str(r.seq_len), fmt(r.forward_ms, ".3f"), fmt(r.forward_tflops, ".1f"),
+             fmt(r.forward_backward_ms, ".3f"), fmt(r.forward_backward_tflops, ".1f"),
+             format_bytes(r.temp_memory_bytes), r.note] for r in results]
+    return format_table(header, rows, "<<<>>>>>><")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m complexity_jax.bench", description=__doc__)
-    suites = ["softmax", "multiscale", "sparse", "linear", "decode"]
-    p.add_argument("--suites", nargs="+", default=suites, choices=suites, help="default: all of them")
-    p.add_argument("--quick", action="store_true", help="tiny shapes; kernels in interpret mode off-GPU")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=None)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--json", default="bench_results.json", help="where to write the raw results")
+def default_json_path(device_kind: str) -> pathlib.Path:
+    """``bench_out/bench_<device>_<date>_<time>.json`` (``bench_out/`` is git-ignored)."""
+    device = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_")
+    return JSON_FOLDER / f"bench_{device}_{datetime.datetime.now():%Y-%m-%d_%H%M%S}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m complexity_jax.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, metavar="SUITE",
+                   help=f"which suites to run, any of: {' '.join(SUITES)} (default: all of them)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes (batch 1, 4 query / 2 KV heads, head_dim 32, float32, S=128 or 256) and 2 timed"
+                        " runs: checks that everything runs, on any machine, in about a minute")
+    p.add_argument("--seq-lens", type=int, nargs="+", metavar="S",
+                   help="sequence lengths (decode: cache lengths) for every suite; default per suite: softmax 8192"
+                        " 32768, multiscale 8192, sparse 4096 16384 65536, linear 8192 32768 131072, decode 4096"
+                        " 32768 131072")
+    p.add_argument("--window", type=int, default=1024,
+                   help="the sliding window; multi-scale's local heads use a quarter, half and all of it"
+                        " (default: 1024, or 32 with --quick)")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement, the median is reported (default: 20,"
+                                                " or 2 with --quick)")
+    p.add_argument("--json", type=pathlib.Path,
+                   help="where to write the raw results (default: a new file in bench_out/ named after the device"
+                        " and the time)")
     return p.parse_args(argv)
+
+
+def plan(args: argparse.Namespace, interpret: bool) -> tuple[Shape, dict, list[Case]]:
+    """The shape, the settings recorded in the JSON, and every case of the requested suites."""
+    if args.quick:
+        shape = Shape(batch=1, seq_len=128, num_heads=4, num_kv_heads=2, head_dim=32, dtype="float32")
+        default_lens = {"softmax": [128], "linear": [128], "sparse": [256], "decode": [256]}
+        window, repeats = min(args.window, 32), args.repeats or 2
+    else:
+        shape = Shape(batch=2, seq_len=8192, num_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+        default_lens = {"softmax": [8192, 32768], "linear": [8192, 32768, 131072], "sparse": [4096, 16384, 65536],
+                        "decode": [4096, 32768, 131072]}
+        window, repeats = args.window, args.repeats or 20
+    lens = {suite: args.seq_lens or default for suite, default in default_lens.items()}
+    decode_batch = 2 if args.quick else 8
+    cases: list[Case] = []
+    if "softmax" in args.suites:
+        cases += softmax_suite(shape, lens["softmax"], window, repeats, interpret)
+    if "multiscale" in args.suites:
+        cases += multiscale_suite(dataclasses.replace(shape, seq_len=lens["softmax"][0]), window, repeats, interpret)
+    if "linear" in args.suites:
+        cases += linear_suite(shape, lens["linear"], repeats, interpret)
+    if "sparse" in args.suites:
+        cases += sparse_suite(shape, lens["sparse"], repeats, interpret)
+    if "decode" in args.suites:
+        cases += decode_suite(shape, lens["decode"], decode_batch, window, repeats, interpret)
+    settings = {"shape": dataclasses.asdict(shape), "window": window, "repeats": repeats, "decode_batch": decode_batch}
+    return shape, settings, cases
+
+
+def run_cases(cases: list[Case]) -> list[Result]:
+    """Measures every case in order, with a progress bar on a terminal."""
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description:<60}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    results = []
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("", total=len(cases))
+        for case in cases:
+            progress.update(task, description=case.description)
+            results.append(case.run())
+            progress.advance(task)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    interpret = not ON_GPU
-    if args.quick:
-        shape = Shape(batch=1, seq_len=128, num_heads=4, num_kv_heads=2, head_dim=32, dtype="float32")
-        seq_lens, window, repeats = args.seq_lens or [128], min(args.window, 32), args.repeats or 2
-    else:
-        shape = Shape(batch=2, seq_len=8192, num_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
-        seq_lens, window, repeats = args.seq_lens or [8192, 32768], args.window, args.repeats or 20
-    progress = lambda msg: print(f"... {msg}", file=sys.stderr, flush=True)
+    shape, settings, cases = plan(args, interpret=not ON_GPU)
     device = jax.devices()[0]
-    meta = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-            "shape": dataclasses.asdict(shape), "window": window, "repeats": repeats}
+    meta = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__, **settings}
     print(f"device {meta['device']}, jax {meta['jax']}, batch {shape.batch}, heads {shape.num_heads}/"
-          f"{shape.num_kv_heads}, head_dim {shape.head_dim}, {shape.dtype}", flush=True)
-    results: list[Result] = []
-    if "softmax" in args.suites:
-        results += softmax_suite(shape, seq_lens, window, repeats, interpret, progress)
-    if "multiscale" in args.suites:
-        ms_shape = dataclasses.replace(shape, seq_len=seq_lens[0])
-        results += multiscale_suite(ms_shape, repeats, interpret, progress)
-    if "linear" in args.suites:
-        linear_lens = args.seq_lens or ([128] if args.quick else [8192, 32768, 131072])
-        results += linear_suite(shape, linear_lens, repeats, interpret, progress)
-    if "sparse" in args.suites:
-        sparse_lens = args.seq_lens or ([256] if args.quick else [4096, 16384, 65536])
-        results += sparse_suite(shape, sparse_lens, repeats, interpret, progress)
-    if "decode" in args.suites:
-        contexts = args.seq_lens or ([256] if args.quick else [4096, 32768, 131072])
-        decode_results, bandwidth = decode_suite(shape, contexts, 2 if args.quick else 8, window, repeats,
-                                                 interpret, progress)
-        results += decode_results
-        meta["copy_bandwidth_gb_s"] = bandwidth / 1e9
-        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (elementwise pass over the largest K+V cache)")
-    print_table(results)
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+          f"{shape.num_kv_heads}, head_dim {shape.head_dim}, {shape.dtype}, window {settings['window']},"
+          f" {settings['repeats']} timed runs per number; {len(cases)} rows"
+          + ("" if ON_GPU else " (no GPU: the Pallas kernels run in interpret mode, their times mean nothing)"),
+          flush=True)
+    results = run_cases(cases)
+    meta.update({"copy_bandwidth_gb_s": r.bandwidth_gb_s for r in results if r.case == COPY_CASE})
+    print(format_results(results))
+    path = args.json or default_json_path(meta["device"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    print(f"raw results written to {path.resolve()}")
     return 0
 
 

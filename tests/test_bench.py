@@ -1,6 +1,8 @@
 """The benchmark's FLOP counts against brute force, and its harness end to end on tiny shapes."""
 
 import json
+import pathlib
+import subprocess
 
 import numpy as np
 import pytest
@@ -30,8 +32,9 @@ def test_sparse_visible_pairs_equals_the_mask(seq_len, block_size, n_global, n_l
 def test_quick_run_of_every_suite(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
-    ours = [r for r in results if r["impl"] == "ours"]
+    data = json.loads(out.read_text())
+    results = data["results"]
+    ours = [r for r in results if r["impl"] in ("ours", "pallas_triton")]
     assert {r["suite"] for r in ours} == {"softmax", "multiscale", "sparse", "linear", "decode"}
     for r in ours:
         assert r["forward_ms"] is not None and r["forward_ms"] > 0, r
@@ -39,5 +42,38 @@ def test_quick_run_of_every_suite(tmp_path, capsys):
             assert r["bandwidth_gb_s"] > 0, r
         else:
             assert r["forward_backward_ms"] > 0 and r["temp_memory_bytes"] > 0, r
+    assert data["meta"]["copy_bandwidth_gb_s"] > 0
     table = capsys.readouterr().out
-    assert "copy bandwidth" in table and "bigbird" in table
+    assert f"raw results written to {out.resolve()}" in table
+    # Labels come from the configuration that ran: --quick has 4 heads, a window of 32 and 64-token blocks.
+    assert "multiscale 2 local (8/16) + 2 global" in table and "window 32" in table
+    assert "bigbird block 64, 1 global, 3 local, 3 random" in table and "batch 2" in table
+    # Aligned: every row's S column ends where the header's does.
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("suite"))
+    s_end = header.index(" S ") + 2
+    rows = [line for line in lines if line.split(" ", 1)[0] in bench.SUITES]
+    assert len(rows) == len(results)
+    assert all(row[s_end - 1].isdigit() and row[s_end] == " " for row in rows)
+
+
+def test_default_json_goes_to_the_ignored_folder(monkeypatch, tmp_path):
+    path = bench.default_json_path("NVIDIA H200")
+    assert path.parent == pathlib.Path("bench_out") and path.name.startswith("bench_nvidia_h200_")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(root / path)], cwd=root)
+    assert ignored.returncode == 0, f"{path} is not git-ignored"
+
+
+def test_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: all of them)", "(default: 1024, or 32 with --quick)", "(default: 20, or 2 with --quick)",
+                    "default: a new file in bench_out/", "softmax 8192 32768"):
+        assert default in text, default
+
+
+def test_multiscale_windows_split_the_local_heads_evenly():
+    assert bench.multiscale_windows(1024, 16) == (256,) * 6 + (512,) * 5 + (1024,) * 5
+    assert bench.multiscale_windows(32, 2) == (8, 16)
