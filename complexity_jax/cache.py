@@ -7,16 +7,23 @@
   key/value heads whose query heads are all local.
 
 Running out of room never overwrites. Eagerly, a growable ``KVCache`` (the one a call without a cache
-returns) grows, a preallocated one (``init_cache``) raises ``CacheFullError``. Under ``jit`` the length
-is traced, so the write is skipped and ``overflow`` is set: ``check_cache`` raises on it.
+returns) grows, a preallocated one (``init_cache``) raises ``CacheFullError``. Under ``jit`` (or inside
+``lax.scan``) the length is traced, so:
+
+- a growable cache cannot grow: continuing one there raises ``ValueError`` at trace time, naming ``init_cache``
+  (it holds exactly the positions seen, so every new token would overflow);
+- a preallocated cache that runs out of room skips the write and sets ``overflow``; the outputs of that call
+  and of every later one are then invalid, and ``check_cache`` raises on the flag. ``generate`` checks it.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
@@ -61,6 +68,12 @@ class KVCache:
         """Writes ``t`` new positions after ``length`` (see the module docstring for a full cache)."""
         t = keys.shape[1]
         cache = self
+        if self.growable and not _is_concrete(self.length):
+            raise ValueError(
+                "this cache was returned by a call without a cache: it holds exactly the positions seen and grows"
+                " only eagerly, so under jax.jit / lax.scan (traced length) every new token would overflow it;"
+                " preallocate one with init_cache(batch_size, max_length) and pass it to the first call"
+            )
         if _is_concrete(self.length) and int(self.length) + t > self.capacity:
             if not self.growable:
                 raise CacheFullError(
@@ -252,10 +265,72 @@ class MultiScaleCache:
 
 
 def check_cache(cache: KVCache | RingCache | LinearCache | MultiScaleCache | None) -> None:
-    """Raises ``CacheFullError`` if a ``jit``-compiled call had to drop tokens for want of room."""
+    """Raises ``CacheFullError`` if a ``jit``-compiled call had to drop tokens for want of room.
+
+    ``overflow`` is sticky: once a call under ``jit`` found the preallocated cache full, its outputs and those of
+    every later call on that cache are invalid (the dropped keys/values are missing), and the flag stays set.
+    """
     if cache is not None and bool(cache.overflow):
         slots = cache.full.capacity if isinstance(cache, MultiScaleCache) else cache.keys.shape[1]
         raise CacheFullError(
             f"the cache overflowed under jit: its {slots} slots were full, so later tokens were"
             " not stored and their outputs are invalid; allocate a larger one with init_cache(max_length=...)"
         )
+
+
+Cache = KVCache | RingCache | LinearCache | MultiScaleCache
+
+# Axis names of each buffer, for error messages; ``None`` marks an axis whose size may differ (a KV cache's capacity).
+_AXES: dict[type, dict[str, tuple[str | None, ...]]] = {
+    KVCache: {"keys": ("batch", None, "num_kv_heads", "head_dim"), "values": ("batch", None, "num_kv_heads", "head_dim")},
+    RingCache: {"keys": ("batch", "window_size", "num_kv_heads", "head_dim"),
+                "values": ("batch", "window_size", "num_kv_heads", "head_dim")},
+    LinearCache: {"state.kv": ("batch", "num_kv_heads", "head_dim", "head_dim"),
+                  "state.k_sum": ("batch", "num_kv_heads", "head_dim")},
+}
+
+
+def check_cache_fits(cache: Any, template: Cache) -> None:
+    """Raises ``TypeError``/``ValueError`` unless ``cache`` can continue a layer whose own cache looks like
+    ``template`` (shapes only, e.g. from ``jax.eval_shape``): the same class (and multi-scale layout), floating
+    buffers of the same batch, key/value heads, head_dim and ring size (a ``KVCache``'s capacity may differ) and
+    a scalar integer ``length``. A cache of another layer's settings would otherwise be read as garbage."""
+    name = type(template).__name__
+    if type(cache) is not type(template):
+        raise TypeError(
+            f"cache must be a {name} (from this layer's init_cache or a previous call of it), got"
+            f" {type(cache).__name__}"
+        )
+    if isinstance(template, MultiScaleCache):
+        if cache.parts != template.parts:
+            raise ValueError(
+                f"cache has the multi-scale layout {cache.parts}, but this layer (its num_heads, num_kv_heads,"
+                f" local_heads, window_sizes) needs {template.parts}"
+            )
+        for part, want in zip(cache.part_caches(), template.part_caches()):
+            check_cache_fits(part, want)
+        return
+    length = getattr(cache, "length", None)
+    if getattr(length, "shape", None) != () or not jnp.issubdtype(length.dtype, jnp.integer):
+        raise TypeError(f"cache.length must be a scalar integer array, got {length!r}")
+    for field, axes in _AXES[type(template)].items():
+        got, want = _field(cache, field), _field(template, field)
+        if not jnp.issubdtype(got.dtype, jnp.floating):
+            raise TypeError(
+                f"cache.{field} has dtype {got.dtype}; a cache holds floating-point values (init_cache(...,"
+                " dtype=jnp.bfloat16) for example)"
+            )
+        if len(got.shape) != len(want.shape) or any(
+            axis is not None and g != w for axis, g, w in zip(axes, got.shape, want.shape)
+        ):
+            need = ", ".join(f"{axis}={w}" if axis else "any" for axis, w in zip(axes, want.shape))
+            raise ValueError(
+                f"cache.{field} has shape {tuple(got.shape)}, but this layer and input need [{need}]: the cache"
+                " comes from a layer with other settings or another batch size"
+            )
+
+
+def _field(cache: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cache = getattr(cache, part)
+    return cache

@@ -14,15 +14,27 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import pallas_kernels as pk
-from complexity_jax.cache import CachePart, KVCache, LinearCache, MultiScaleCache, RingCache, multiscale_layout
+from complexity_jax.cache import (
+    CachePart,
+    KVCache,
+    LinearCache,
+    MultiScaleCache,
+    RingCache,
+    check_cache_fits,
+    multiscale_layout,
+)
 from complexity_jax.rope import apply_rope
 from pallas_kernels._validation import (
     FEATURE_MAPS,
+    FLOAT_DTYPES,
     IMPLEMENTATIONS,
+    check_bool,
     check_choice,
+    check_float_dtype,
     check_non_negative,
     check_positive,
     check_sparse_config,
+    positive_real,
 )
 
 Cache = Any
@@ -33,6 +45,11 @@ class Attention(nn.Module):
 
     Subclasses say how heads attend (``attend``) and what a cache holds (``new_cache``).
     Query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``.
+
+    Every argument is checked when the layer is built, and the input and cache when it is called: a bad one
+    raises ``TypeError``/``ValueError`` naming it, its value and what is allowed. A cache must come from this
+    layer's ``init_cache`` or from a call of a layer with the same settings; under ``jax.jit``/``lax.scan``
+    only a preallocated one (``init_cache``) can be continued (see ``complexity_jax.cache``).
     """
 
     hidden_size: int
@@ -53,6 +70,7 @@ class Attention(nn.Module):
 
     def validate(self) -> None:
         check_positive(hidden_size=self.hidden_size, num_heads=self.num_heads)
+        check_bool(causal=self.causal, use_rope=self.use_rope, interpret=self.interpret)
         if self.num_kv_heads is not None:
             check_positive(num_kv_heads=self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:
@@ -69,8 +87,10 @@ class Attention(nn.Module):
             check_positive(head_dim=self.head_dim)
         if self.use_rope and self.kv_dim_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.kv_dim_per_head}")
-        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        positive_real("rope_theta", self.rope_theta)
+        if self.dtype is not None:
+            check_float_dtype("dtype", self.dtype)
+        check_float_dtype("param_dtype", self.param_dtype)
         check_choice("implementation", self.implementation, IMPLEMENTATIONS)
 
     @property
@@ -86,8 +106,9 @@ class Attention(nn.Module):
         return {"implementation": self.implementation, "interpret": self.interpret}
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Cache:
-        """A preallocated cache for ``max_length`` positions, for compiled decode loops."""
+        """A preallocated cache for ``max_length`` positions, for compiled decode loops (``dtype``: floating)."""
         check_positive(batch_size=batch_size, max_length=max_length)
+        check_float_dtype("dtype", dtype)
         self._require_causal_for_cache()
         return self.new_cache(batch_size, max_length, dtype, growable=False)
 
@@ -100,11 +121,14 @@ class Attention(nn.Module):
             raise ValueError(
                 f"x must have shape [batch, seq, hidden_size={self.hidden_size}], got {getattr(x, 'shape', None)}"
             )
+        if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+        if 0 in x.shape:
+            raise ValueError(f"x must have batch and seq of at least 1, got shape {x.shape}")
         if cache is not None:
             self._require_causal_for_cache()
-            cached_batch = _cache_batch(cache)
-            if cached_batch != x.shape[0]:
-                raise ValueError(f"the cache holds batch {cached_batch} but x has batch {x.shape[0]}")
+            template = jax.eval_shape(lambda: self.new_cache(x.shape[0], 1, jnp.float32, growable=False))
+            check_cache_fits(cache, template)
 
     @nn.compact
     def __call__(
@@ -151,14 +175,6 @@ class Attention(nn.Module):
     def continue_cache(self, cache: Cache, q, k, v) -> tuple[Array, Cache]:
         """Attention of new tokens against the cache and themselves; returns ``(out, updated cache)``."""
         raise NotImplementedError
-
-
-def _cache_batch(cache: Cache) -> int:
-    if isinstance(cache, LinearCache):
-        return cache.state.kv.shape[0]
-    if isinstance(cache, MultiScaleCache):
-        return cache.batch_size
-    return cache.keys.shape[0]
 
 
 def _attend_ring(ring: RingCache, q, k, v, windows: tuple[int, ...], op_options: dict) -> tuple[Array, RingCache]:
@@ -311,13 +327,7 @@ class MultiScaleAttention(Attention):
         return MultiScaleCache.zeros(batch, length, self.cache_layout, self.kv_dim_per_head, dtype, growable)
 
     def continue_cache(self, cache: MultiScaleCache, q, k, v):
-        if not isinstance(cache, MultiScaleCache):
-            raise TypeError(
-                f"cache must be the MultiScaleCache of a MultiScaleAttention layer, got {type(cache).__name__}"
-            )
         layout = self.cache_layout
-        if cache.parts != layout:
-            raise ValueError(f"cache has the layout {cache.parts}, but this layer needs {layout}")
         outs, new_full, new_rings = [], None, []
         for part, part_cache in zip(layout, cache.part_caches()):
             qp = q[:, :, part.q_start:part.q_stop]

@@ -12,10 +12,10 @@ from pallas_kernels._validation import IMPLEMENTATIONS, check_choice
 PALLAS_BACKENDS = ("mosaic", "triton")
 
 
-def use_pallas(implementation: str, op_name: str, has_kernel: bool) -> bool:
-    """True when ``op_name``, which has only Triton kernels (or none), should run them."""
-    kernels = {"triton": None if has_kernel else f"{op_name} has no Pallas kernel for these arguments"}
-    return choose_backend(implementation, op_name, kernels) != "xla"
+def use_pallas(implementation: str, op_name: str, unsupported: str | None) -> bool:
+    """True when ``op_name``, which has only Triton kernels (or none), should run them; ``unsupported`` is ``None``
+    when its Triton kernel serves the call, else the reason it cannot."""
+    return choose_backend(implementation, op_name, {"triton": unsupported}) != "xla"
 
 
 def choose_backend(implementation: str, op_name: str, kernels: Mapping[str, str | None]) -> str:

@@ -21,11 +21,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from pallas_kernels._autodiff import reject_higher_order
 from pallas_kernels._mosaic import softmax as mosaic
 from pallas_kernels._triton import softmax as triton
 from pallas_kernels.masks import SparseMask, WindowMask
 
 BACKENDS = ("mosaic", "triton")
+# The public ops served by this seam, named in the errors of the derivatives it does not define.
+_OPS = "flash_attention / multiscale_attention / sparse_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +70,17 @@ def _attention(q, k, v, plan: Plan):
 
 
 def _attention_fwd(q, k, v, plan: Plan):
+    reject_higher_order(_OPS, q, k, v)
     out, lse = forward(q, k, v, plan)
     return out, (q, k, v, out, lse)  # O(S) residuals only
 
 
-_attention.defvjp(_attention_fwd, backward)
+def _attention_bwd(plan: Plan, res, do):
+    reject_higher_order(_OPS, res, do)
+    return backward(plan, res, do)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def prepare(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Plan]:

@@ -5,9 +5,16 @@ from __future__ import annotations
 from jaxtyping import Array, Float
 
 from pallas_kernels import reference
+from pallas_kernels._autodiff import forward_mode_guard
 from pallas_kernels._dispatch import use_pallas
 from pallas_kernels._triton import linear as triton_linear
-from pallas_kernels._validation import FEATURE_MAPS, check_attention_inputs, check_choice
+from pallas_kernels._validation import (
+    FEATURE_MAPS,
+    check_attention_inputs,
+    check_bool,
+    check_choice,
+    kernel_dtype_reason,
+)
 from pallas_kernels.reference import LinearState
 
 
@@ -43,14 +50,16 @@ def linear_attention(
     """
     check_choice("feature_map", feature_map, FEATURE_MAPS)
     check_attention_inputs(q, k, v, causal=False)
+    check_bool(causal=causal, interpret=interpret)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"linear attention needs q_len == kv_len, got {q.shape[1]} and {k.shape[1]}")
     if initial_state is not None:
         initial_state = _check_state(initial_state, q.shape[0], k.shape[2], q.shape[3])
     head_dim = q.shape[3]
-    # The kernel's matrix products need power-of-two head dims of at least 16.
-    has_kernel = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    if use_pallas(implementation, "linear_attention", has_kernel):
-        return triton_linear.linear_attention(q, k, v, feature_map=feature_map, causal=causal,
-                                              initial_state=initial_state, interpret=interpret)
+    unsupported = kernel_dtype_reason(q, k, v)
+    if not (head_dim >= 16 and head_dim & (head_dim - 1) == 0):
+        unsupported = f"the kernel's matrix products need a power-of-two head_dim >= 16, got {head_dim}"
+    if use_pallas(implementation, "linear_attention", unsupported):
+        return forward_mode_guard("linear_attention", (q, k, v, initial_state), lambda: triton_linear.linear_attention(
+            q, k, v, feature_map=feature_map, causal=causal, initial_state=initial_state, interpret=interpret))
     return reference.linear_attention(q, k, v, feature_map, causal, initial_state)

@@ -28,16 +28,21 @@ def softmax_attention(
 ) -> Float[Array, "b sq h d"]:
     """Softmax attention under an explicit mask; query head ``h`` reads key/value head ``h // group``.
 
-    Rows with no visible key output zeros.
+    Rows with no visible key output zeros. Keys/values that no query of their (batch row, KV head) sees (empty
+    cache slots, positions outside every window) are replaced by zeros first, so whatever they hold (NaN, Inf)
+    reaches no output and no gradient; scores are masked with ``where``, so a non-finite key reaches no query that
+    does not see it.
     """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     group = h // kvh
     acc = _accumulation_dtype(q.dtype)
+    mask = visible.reshape(visible.shape[0], kvh, group, sq, sk)
+    seen = jnp.any(mask, axis=(2, 3)).transpose(0, 2, 1)[..., None]  # [#b, sk, kvh, 1]
+    k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
     q_grouped = q.reshape(b, sq, kvh, group, d)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=acc)
     logits = logits * softmax_scale
-    mask = visible.reshape(visible.shape[0], kvh, group, sq, sk)
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import _softmax_kernels, reference
+from pallas_kernels._autodiff import forward_mode_guard
 from pallas_kernels._dispatch import choose_backend, use_pallas
 from pallas_kernels._mosaic import softmax as mosaic_softmax
 from pallas_kernels._mosaic.softmax import MosaicConfig
@@ -21,35 +24,36 @@ from pallas_kernels._triton import decode as triton_decode
 from pallas_kernels._triton.softmax import KernelConfig
 from pallas_kernels._validation import (
     check_attention_inputs,
-    check_positive,
+    check_bool,
     check_sparse_config,
     check_window,
+    kernel_dtype_reason,
+    softmax_scale_or_default,
 )
 from pallas_kernels.masks import SparseMask, WindowMask
 
 
-def _default_scale(q: Array, softmax_scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-
-
 def _per_head_windows(name: str, windows: int | None | Sequence[int | None], num_heads: int):
-    if windows is None or isinstance(windows, int):
-        check_window(name, windows)
-        return (windows,) * num_heads
+    """One static window (Python int or None) per query head, from one window or a sequence of them."""
+    if windows is None or np.ndim(windows) == 0:
+        return (check_window(name, windows),) * num_heads
+    if not isinstance(windows, Sequence):
+        raise TypeError(
+            f"{name} must be an int, None, or a sequence with one int or None per query head, got {windows!r}"
+        )
     windows = tuple(windows)
     if len(windows) != num_heads:
         raise ValueError(
             f"{name} must give one window (int or None) per query head: expected {num_heads}, got {len(windows)}"
         )
-    for h, w in enumerate(windows):
-        check_window(f"{name}[{h}]", w)
-    return windows
+    return tuple(check_window(f"{name}[{h}]", w) for h, w in enumerate(windows))
 
 
 def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
                       op_name):
     check_attention_inputs(q, k, v, causal=causal)
-    scale = _default_scale(q, softmax_scale)
+    check_bool(interpret=interpret)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     mask = WindowMask(windows, bool(causal))
     if kernel_config is not None and not isinstance(kernel_config, (KernelConfig, MosaicConfig)):
         raise TypeError(f"kernel_config must be a KernelConfig (Triton) or a MosaicConfig, got {kernel_config!r}")
@@ -65,17 +69,18 @@ def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, i
         triton_config=kernel_config if isinstance(kernel_config, KernelConfig) else None,
         mosaic_config=kernel_config if isinstance(kernel_config, MosaicConfig) else None,
     )
-    return _softmax_kernels.attention(q, k, v, plan)
+    return forward_mode_guard(op_name, (q, k, v), lambda: _softmax_kernels.attention(q, k, v, plan))
 
 
 def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config) -> dict[str, str | None]:
     """Each Pallas backend: ``None`` if it serves this call, else why not."""
-    mosaic = mosaic_softmax.unsupported_reason(q, k, mask)
+    dtype_reason = kernel_dtype_reason(q, k)
+    mosaic = dtype_reason or mosaic_softmax.unsupported_reason(q, k, mask)
     if interpret:
         mosaic = "interpret=True runs the Triton kernels (JAX 0.11's Mosaic GPU interpreter cannot run wgmma kernels)"
     elif isinstance(kernel_config, KernelConfig):
         mosaic = "kernel_config is a Triton KernelConfig"
-    triton = "kernel_config is a MosaicConfig" if isinstance(kernel_config, MosaicConfig) else None
+    triton = "kernel_config is a MosaicConfig" if isinstance(kernel_config, MosaicConfig) else dtype_reason
     return {"mosaic": mosaic, "triton": triton}
 
 
@@ -121,7 +126,7 @@ def multiscale_attention(
 
     All heads run in one kernel launch; ``kernel_config`` as in ``flash_attention``.
     """
-    if isinstance(window_sizes, int) or window_sizes is None:
+    if window_sizes is None or np.ndim(window_sizes) == 0:
         raise TypeError(
             f"window_sizes must be a sequence with one int or None per query head, got {window_sizes!r}"
         )
@@ -156,16 +161,18 @@ def sparse_attention(
     config = SparseMask(num_heads, block_size, num_global_tokens, num_local_blocks, num_random_blocks,
                         seed, causal)
     check_sparse_config(config)
+    check_bool(interpret=interpret)
+    if kernel_config is not None and not isinstance(kernel_config, KernelConfig):
+        raise TypeError(f"kernel_config must be a KernelConfig (the Triton kernels) or None, got {kernel_config!r}")
     if q.shape[1] > k.shape[1]:
         raise ValueError(
             f"sparse_attention needs q_len ({q.shape[1]}) <= kv_len ({k.shape[1]}): queries are the last"
             " positions of the key sequence"
         )
-    scale = _default_scale(q, softmax_scale)
-    if use_pallas(implementation, "sparse_attention", has_kernel=True):
-        return _softmax_kernels.attention(
-            q, k, v, _softmax_kernels.Plan(config, scale, triton_config=kernel_config, interpret=interpret)
-        )
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    if use_pallas(implementation, "sparse_attention", kernel_dtype_reason(q, k)):
+        plan = _softmax_kernels.Plan(config, scale, triton_config=kernel_config, interpret=interpret)
+        return forward_mode_guard("sparse_attention", (q, k, v), lambda: _softmax_kernels.attention(q, k, v, plan))
     q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
     num_blocks = -(-k.shape[1] // block_size)
     visible = config.visible(q_pos, k_pos, num_blocks)[None]
@@ -191,7 +198,7 @@ def attention_at_positions(
     needed by a ``SparseMask``: a static bound on the query blocks, ``max(q_pos) // block_size < num_blocks``.
     """
     check_attention_inputs(q, k, v, causal=False)
-    if use_pallas(implementation, "attention_at_positions", has_kernel=False):
+    if use_pallas(implementation, "attention_at_positions", "it has no Pallas kernel"):
         raise AssertionError("unreachable: no Pallas kernel is registered")
     if isinstance(mask, SparseMask):
         if num_blocks is None:
@@ -199,7 +206,7 @@ def attention_at_positions(
         visible = mask.visible(q_pos, k_pos, num_blocks)
     else:
         visible = mask.visible(q_pos, k_pos)
-    return reference.softmax_attention(q, k, v, visible, _default_scale(q, softmax_scale))
+    return reference.softmax_attention(q, k, v, visible, softmax_scale_or_default(softmax_scale, q.shape[-1]))
 
 
 def decode_attention(
@@ -216,26 +223,48 @@ def decode_attention(
 ) -> Float[Array, "b t h d"]:
     """Causal attention of ``t`` new queries against a preallocated cache.
 
-    ``lengths[b]`` counts the filled cache slots of row ``b`` *including* the ``t`` new tokens, so query
+    ``lengths[b]`` (integers) counts the filled cache slots of row ``b`` *including* the ``t`` new tokens, so query
     ``r`` sits at position ``lengths[b] - t + r`` and sees slots ``j < lengths[b]`` with ``j`` not after
-    it (and within ``window_size``: one int/None, or one per query head).
+    it (and within ``window_size``: one int/None, or one per query head); a query at a negative position sees
+    nothing and outputs zeros. Concrete ``lengths`` must lie in ``[0, capacity]`` (``ValueError`` otherwise);
+    traced ones cannot be checked, and values outside that range give unspecified outputs. Slots at or past
+    ``lengths[b]`` never reach an output on either path, whatever they hold (NaN included).
 
     The Pallas kernel (split-K flash-decoding) is forward only: under ``"auto"`` ``jax.grad`` differentiates
     the XLA path, under ``"pallas"`` it raises ``NotImplementedError``. ``kernel_config`` overrides its block
     size, number of key splits and launch settings (default: a heuristic).
     """
     num_heads, _ = check_attention_inputs(q, k_cache, v_cache, causal=False)
-    lengths = jnp.asarray(lengths)
-    if lengths.shape != (q.shape[0],):
-        raise ValueError(f"lengths must have shape [batch] = ({q.shape[0]},), got {lengths.shape}")
+    check_bool(interpret=interpret)
+    lengths = _checked_lengths(lengths, q.shape[0], k_cache.shape[1])
     windows = _per_head_windows("window_size", window_size, num_heads)
-    if use_pallas(implementation, "decode_attention", has_kernel=True):
-        return triton_decode.decode_attention(
-            q, k_cache, v_cache, lengths, windows=windows, softmax_scale=_default_scale(q, softmax_scale),
-            interpret=interpret, config=kernel_config, xla_backward=implementation == "auto",
-        )
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    if kernel_config is not None and not isinstance(kernel_config, triton_decode.DecodeConfig):
+        raise TypeError(f"kernel_config must be a DecodeConfig or None, got {kernel_config!r}")
+    if use_pallas(implementation, "decode_attention", kernel_dtype_reason(q, k_cache)):
+        return forward_mode_guard("decode_attention", (q, k_cache, v_cache), lambda: triton_decode.decode_attention(
+            q, k_cache, v_cache, lengths, windows=windows, softmax_scale=scale, interpret=interpret,
+            config=kernel_config, xla_backward=implementation == "auto",
+        ))
     q_pos, k_pos = reference.cache_positions(lengths, q.shape[1], k_cache.shape[1])
     return attention_at_positions(
         q, k_cache, v_cache, q_pos, k_pos, WindowMask(windows, causal=True),
-        softmax_scale=softmax_scale, implementation="xla",
+        softmax_scale=scale, implementation="xla",
     )
+
+
+def _checked_lengths(lengths: Int[Array, "b"], batch: int, capacity: int) -> Int[Array, "b"]:
+    """``lengths`` as an int32 ``[batch]`` array, its values checked against ``[0, capacity]`` where concrete."""
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape [batch] = ({batch},), got {lengths.shape}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.min() < 0 or values.max() > capacity:
+            raise ValueError(
+                f"lengths must lie in [0, capacity={capacity}] (filled cache slots, new tokens included),"
+                f" got {values.tolist()}"
+            )
+    return lengths.astype(jnp.int32)

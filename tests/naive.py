@@ -24,10 +24,22 @@ def softmax_attention(q, k, v, mask, scale=None) -> np.ndarray:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
     s = np.where(mask, s, -np.inf)
-    s = s - s.max(-1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(-1, keepdims=True)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0.0))
+    total = p.sum(-1, keepdims=True)
+    p /= np.where(total == 0, 1.0, total)  # rows that see no key output zeros
     return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def cache_mask(lengths, t: int, capacity: int, windows) -> np.ndarray:
+    """bool [batch, heads, t, capacity] of decode: query r of row b sits at lengths[b] - t + r and sees slot j iff
+    0 <= i - j < W_h (so never a slot at or past lengths[b])."""
+    masks = []
+    for length in np.asarray(lengths):
+        i = (length - t + np.arange(t))[:, None]
+        j = np.arange(capacity)[None, :]
+        masks.append(np.stack([(i - j >= 0) & (i - j < (np.inf if w is None else w)) for w in windows]))
+    return np.stack(masks)
 
 
 def feature_map(x, name):

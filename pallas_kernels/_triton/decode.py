@@ -31,6 +31,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels._vma import out_struct
 from pallas_kernels import reference
+from pallas_kernels._autodiff import reject_higher_order
 from pallas_kernels.block_ranges import int_div
 from pallas_kernels.masks import WindowMask
 
@@ -203,13 +204,16 @@ def _decode_kernel(len_ref, w_ref, off_ref, q_ref, k_ref, v_ref, acc_ref, m_ref,
     q_pos = length + plgpu.load(off_ref)
     q = plgpu.load(q_ref)
     kv_end = jnp.minimum(length, st.capacity)
+    max_window = jnp.max(window)
+    # The earliest slot some stacked query sees; earlier ones, and unfilled ones, are loaded as zeros, so whatever
+    # they hold (even NaN) never reaches an output.
+    first_seen = length - st.q_len - max_window + 1
     qk_scale = st.softmax_scale * math.log2(math.e)
 
     def step(kb, carry):
         acc, m, l = carry
         k_pos = kb * bk + jnp.arange(bk, dtype=jnp.int32)
-        # Also guards against garbage (even NaN) in the unfilled part of the cache.
-        slot_ok = k_pos < kv_end
+        slot_ok = (k_pos < kv_end) & (k_pos >= first_seen)
         slots = pl.ds(kb * bk, bk)
         k = _load_kv(k_ref.at[slots, :], slot_ok, st).astype(q.dtype)
         v = _load_kv(v_ref.at[slots, :], slot_ok, st).astype(q.dtype)
@@ -231,7 +235,7 @@ def _decode_kernel(len_ref, w_ref, off_ref, q_ref, k_ref, v_ref, acc_ref, m_ref,
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    start, end = _split_blocks(length, jnp.max(window), split, st)
+    start, end = _split_blocks(length, max_window, split, st)
     acc, m, l = lax.fori_loop(start, end, step, carry)
     plgpu.store(acc_ref, acc)
     plgpu.store(m_ref, m)
@@ -323,6 +327,7 @@ def _decode(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, con
 
 
 def _decode_fwd(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config, xla_backward):
+    reject_higher_order("decode_attention", q, k_cache, v_cache)
     out = _forward(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config)
     return out, (q, k_cache, v_cache, lengths)
 

@@ -11,9 +11,10 @@ The forward walks the state through the sequence (causal: storing the state befo
 per KV head in the input dtype, as large as ``k`` when the chunk equals head_dim) and then computes the output of all
 chunks in parallel. The backward walks the
 state's cotangent in reverse, storing it per chunk too, and computes dq, dk, dv of all chunks in parallel. Dots
-take operands in the input dtype (bf16/fp16 on the half-precision tensor cores, fp32 exact) and accumulate in fp32;
-feature maps, sums, normalisers and the carried states stay fp32. Residuals, all O(seq): the inputs, the output,
-the per-query normaliser and the per-chunk states (non-causal: the final state).
+take operands in the input dtype (bf16 on the half-precision tensor cores, fp32 exact; fp16 inputs run as fp32, see
+``_compute_dtype``) and accumulate in fp32; feature maps, sums, normalisers and the carried states stay fp32.
+Residuals, all O(seq): the inputs, the output, the per-query normaliser and the per-chunk states (non-causal: the
+final state).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from pallas_kernels._autodiff import reject_higher_order
 from pallas_kernels._vma import out_struct
 from pallas_kernels.block_ranges import int_div
 from pallas_kernels.reference import LinearState
@@ -477,12 +479,14 @@ def _linear_attention(
 
 
 def _linear_attention_fwd(cfg: _Config, q, k, v, kv0, ksum0):
+    reject_higher_order("linear_attention", q, k, v, kv0, ksum0)
     out, kv, ksum, den, states = _forward(cfg, q, k, v, kv0, ksum0)
     # O(seq) residuals: the state before every chunk (input dtype) feeds the backward's dq directly.
     return (out, kv, ksum), (q, k, v, out, den, states)
 
 
 def _linear_attention_bwd(cfg: _Config, residuals, cotangents):
+    reject_higher_order("linear_attention", residuals, cotangents)
     return _backward(cfg, *residuals, *cotangents)
 
 
@@ -538,7 +542,7 @@ def linear_attention(
     if feature_map not in _FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {_FEATURE_MAPS}, got {feature_map!r}")
     if chunk_size is None:
-        chunk_size = _default_chunk(seq_len, d, q.dtype.itemsize)
+        chunk_size = _default_chunk(seq_len, d, _compute_dtype(q.dtype).itemsize)
     elif chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of 2 of at least 16, got {chunk_size}")
 
@@ -552,5 +556,13 @@ def linear_attention(
             raise ValueError(f"initial_state shapes {kv0.shape}, {ksum0.shape} do not match k {k.shape}")
 
     cfg = _Config(feature_map, bool(causal), chunk_size, interpret, _TILE)
-    out, kv, ksum = _linear_attention(cfg, q, k, v, kv0, ksum0)
-    return out, LinearState(kv, ksum)
+    compute = _compute_dtype(q.dtype)
+    out, kv, ksum = _linear_attention(cfg, q.astype(compute), k.astype(compute), v.astype(compute), kv0, ksum0)
+    return out.astype(q.dtype), LinearState(kv, ksum)
+
+
+def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The kernels' operand dtype: the input's, except float32 for float16. float16's range (65504) is too small
+    for the ``phi(q) . phi(k)`` products and the per-chunk states (inputs of magnitude ~100, or a long sequence of
+    positive values, overflowed to inf), so float16 runs the float32 kernels; bfloat16 has float32's range."""
+    return jnp.dtype(jnp.float32) if dtype == jnp.float16 else jnp.dtype(dtype)
