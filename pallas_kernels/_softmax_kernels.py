@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from pallas_kernels._autodiff import reject_higher_order
+from pallas_kernels import _partitioning
 from pallas_kernels._mosaic import softmax as mosaic
 from pallas_kernels._triton import softmax as triton
 from pallas_kernels.masks import SparseMask, WindowMask
@@ -50,18 +51,56 @@ class Plan:
 
 
 def forward(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Array]:
-    """Output and base-2 log-sum-exp of ``plan.forward_backend`` (``plan`` as returned by ``prepare``)."""
-    if plan.forward_backend == "mosaic":
-        return mosaic.forward(q, k, v, plan.mask, plan.softmax_scale, plan.mosaic_config)
-    return triton.forward(q, k, v, plan.mask, plan.softmax_scale, plan.interpret, plan.triton_config)
+    """Output and base-2 log-sum-exp of ``plan.forward_backend`` (``plan`` as returned by ``prepare``); under ``jit``
+    with inputs sharded over batch/heads each device runs its own shard (``_partitioning``)."""
+
+    def kernel(q, k, v):
+        local = _local_plan(plan, q.shape[2])
+        if local.forward_backend == "mosaic":
+            return mosaic.forward(q, k, v, local.mask, local.softmax_scale, local.mosaic_config)
+        return triton.forward(q, k, v, local.mask, local.softmax_scale, local.interpret, local.triton_config)
+
+    if not _partitioning.wanted():
+        return kernel(q, k, v)
+    group = q.shape[2] // k.shape[2]
+    return _partitioning.partitioned(kernel, ("b.h.", "b.k.", "b.k."), ("b.h.", "bh."), group=group,
+                                     heads_splittable=not _head_dependent(plan.mask))(q, k, v)
 
 
 def backward(plan: Plan, res: tuple[Array, Array, Array, Array, Array], do: Array) -> tuple[Array, Array, Array]:
     """dQ, dK, dV of ``plan.backward_backend`` from residuals ``(q, k, v, out, lse)``; ``out``/``lse`` may be the
-    final ones of rows that also saw other keys (context parallelism)."""
-    if plan.backward_backend == "mosaic":
-        return mosaic.backward(plan.mask, plan.softmax_scale, plan.mosaic_config, res, do)
-    return triton.backward(plan.mask, plan.softmax_scale, plan.interpret, plan.triton_config, res, do)
+    final ones of rows that also saw other keys (context parallelism). Partitioned as ``forward``."""
+
+    def kernel(q, k, v, out, lse, do):
+        local = _local_plan(plan, q.shape[2])
+        if local.backward_backend == "mosaic":
+            return mosaic.backward(local.mask, local.softmax_scale, local.mosaic_config, (q, k, v, out, lse), do)
+        return triton.backward(local.mask, local.softmax_scale, local.interpret, local.triton_config,
+                               (q, k, v, out, lse), do)
+
+    if not _partitioning.wanted():
+        return kernel(*res, do)
+    q, k = res[0], res[1]
+    layouts = ("b.h.", "b.k.", "b.k.", "b.h.", "bh.", "b.h.")
+    return _partitioning.partitioned(kernel, layouts, ("b.h.", "b.k.", "b.k."), group=q.shape[2] // k.shape[2],
+                                     heads_splittable=not _head_dependent(plan.mask))(*res, do)
+
+
+def _head_dependent(mask: WindowMask | SparseMask) -> bool:
+    """Whether the mask differs between heads (multi-scale windows, sparse random blocks): such calls keep their
+    heads whole on every device."""
+    if isinstance(mask, SparseMask):
+        return mask.num_random_blocks > 0
+    return len(set(mask.windows)) > 1
+
+
+def _local_plan(plan: Plan, num_heads: int) -> Plan:
+    """``plan`` for a device holding ``num_heads`` query heads (all heads alike when they were split)."""
+    if num_heads == plan.mask.num_heads:
+        return plan
+    if isinstance(plan.mask, SparseMask):
+        return dataclasses.replace(plan, mask=dataclasses.replace(plan.mask, num_heads=num_heads))
+    return dataclasses.replace(plan, mask=WindowMask(plan.mask.windows[:num_heads], plan.mask.causal))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

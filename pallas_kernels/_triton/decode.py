@@ -29,9 +29,9 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels._vma import out_struct
-from pallas_kernels import reference
+from pallas_kernels import _partitioning, reference
 from pallas_kernels._autodiff import reject_higher_order
+from pallas_kernels._vma import out_struct
 from pallas_kernels.block_ranges import int_div
 from pallas_kernels.masks import WindowMask
 
@@ -323,12 +323,27 @@ def _xla_decode(q, k_cache, v_cache, lengths, windows, softmax_scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _decode(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config, xla_backward):
-    return _forward(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config)
+    return _partitioned_forward(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config)
+
+
+def _partitioned_forward(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config):
+    """``_forward``, each device running its batch rows and heads under ``jit`` with sharded inputs."""
+
+    def kernel(q, k_cache, v_cache, lengths):
+        # Heads are only split when every head has the same window: any slice of ``windows`` is the local one.
+        return _forward(q, k_cache, v_cache, lengths, windows[: q.shape[2]], softmax_scale, interpret, config)
+
+    if not _partitioning.wanted():
+        return kernel(q, k_cache, v_cache, lengths)
+    return _partitioning.partitioned(
+        kernel, ("b.h.", "b.k.", "b.k.", "b"), ("b.h.",), group=q.shape[2] // k_cache.shape[2],
+        heads_splittable=len(set(windows)) == 1,
+    )(q, k_cache, v_cache, lengths)
 
 
 def _decode_fwd(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config, xla_backward):
     reject_higher_order("decode_attention", q, k_cache, v_cache)
-    out = _forward(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config)
+    out = _partitioned_forward(q, k_cache, v_cache, lengths, windows, softmax_scale, interpret, config)
     return out, (q, k_cache, v_cache, lengths)
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from pallas_kernels import _partitioning
 from pallas_kernels._autodiff import reject_higher_order
 from pallas_kernels._vma import out_struct
 from pallas_kernels.block_ranges import int_div
@@ -471,23 +472,62 @@ def _backward(
     return dq, dk, dv, dkv0, dksum0
 
 
+def _state_layout(x) -> str:
+    """Layout (``_partitioning``) of a state-like array: batch, KV heads, then whole dimensions."""
+    return "bk" + "." * (x.ndim - 2)
+
+
+def _sharded_forward(cfg: _Config, q, k, v, kv0, ksum0):
+    """``_forward`` with its chunk states flattened, each device running its batch rows and heads under ``jit``."""
+
+    def kernel(q, k, v, kv0, ksum0):
+        out, kv, ksum, den, states = _forward(cfg, q, k, v, kv0, ksum0)
+        return out, kv, ksum, den, states.kv, states.k_sum
+
+    args = (q, k, v, kv0, ksum0)
+    if not _partitioning.wanted():
+        out, kv, ksum, den, *states = kernel(*args)
+    else:
+        shapes = jax.eval_shape(kernel, *args)
+        out_layouts = ("b.h.", "bk..", "bk.", "bh.", *map(_state_layout, shapes[4:]))
+        out, kv, ksum, den, *states = _partitioning.partitioned(
+            kernel, ("b.h.", "b.k.", "b.k.", "bk..", "bk."), out_layouts, group=q.shape[2] // k.shape[2],
+            heads_splittable=True,
+        )(*args)
+    return out, kv, ksum, den, _ChunkStates(*states)
+
+
+def _sharded_backward(cfg: _Config, q, k, v, out, den, states: _ChunkStates, do, dkv_final, dksum_final):
+    """``_backward``, partitioned as ``_sharded_forward``."""
+    kernel = lambda q, k, v, out, den, s_kv, s_sum, *rest: _backward(cfg, q, k, v, out, den, _ChunkStates(s_kv, s_sum),
+                                                                   *rest)
+    args = (q, k, v, out, den, states.kv, states.k_sum, do, dkv_final, dksum_final)
+    if not _partitioning.wanted():
+        return kernel(*args)
+    in_layouts = ("b.h.", "b.k.", "b.k.", "b.h.", "bh.", *map(_state_layout, states), "b.h.", "bk..", "bk.")
+    return _partitioning.partitioned(
+        kernel, in_layouts, ("b.h.", "b.k.", "b.k.", "bk..", "bk."), group=q.shape[2] // k.shape[2],
+        heads_splittable=True,
+    )(*args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_attention(
     cfg: _Config, q: QArray, k: KVArray, v: KVArray, kv0: StateKV, ksum0: StateSum
 ) -> tuple[QArray, StateKV, StateSum]:
-    return _forward(cfg, q, k, v, kv0, ksum0)[:3]
+    return _sharded_forward(cfg, q, k, v, kv0, ksum0)[:3]
 
 
 def _linear_attention_fwd(cfg: _Config, q, k, v, kv0, ksum0):
     reject_higher_order("linear_attention", q, k, v, kv0, ksum0)
-    out, kv, ksum, den, states = _forward(cfg, q, k, v, kv0, ksum0)
+    out, kv, ksum, den, states = _sharded_forward(cfg, q, k, v, kv0, ksum0)
     # O(seq) residuals: the state before every chunk (input dtype) feeds the backward's dq directly.
     return (out, kv, ksum), (q, k, v, out, den, states)
 
 
 def _linear_attention_bwd(cfg: _Config, residuals, cotangents):
     reject_higher_order("linear_attention", residuals, cotangents)
-    return _backward(cfg, *residuals, *cotangents)
+    return _sharded_backward(cfg, *residuals, *cotangents)
 
 
 _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)

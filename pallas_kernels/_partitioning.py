@@ -1,0 +1,119 @@
+"""Partitioning of the Pallas kernels under ``jax.jit`` with sharded inputs: each device runs its own batch rows and
+heads, with no collective (``jax.experimental.custom_partitioning``).
+
+A kernel call is described by the layout of each array it takes and returns, one letter per dimension: ``b`` batch,
+``h`` query heads, ``k`` key/value heads, ``.`` anything else (kept whole on every device). Batch follows the mesh
+axes of the first argument's batch dimension; heads follow the mesh axes of its head dimension when every device
+then holds whole KV heads with their query groups (``kv_heads`` divisible by the number of head shards) and the
+kernel's mask does not depend on the head index; otherwise heads stay whole (gathered), batch is still split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def partitioned(
+    kernel: Callable[..., Any],
+    in_layouts: Sequence[str],
+    out_layouts: Sequence[str],
+    *,
+    group: int,
+    heads_splittable: bool,
+) -> Callable[..., Any]:
+    """``kernel(*arrays)`` (one array per layout, results in ``out_layouts`` order) that partitions over batch/heads.
+
+    ``kernel`` is called on each device's shards; it must compute the same function of them as of the whole arrays
+    (true of every kernel whose mask is the same for every head when ``heads_splittable``).
+    """
+    single = len(out_layouts) == 1
+
+    def specs(mesh, arg_shapes) -> tuple[list[NamedSharding], list[NamedSharding]]:
+        batch_axes, head_axes = _axes(mesh, arg_shapes, in_layouts, group, heads_splittable)
+        make = lambda layout: NamedSharding(
+            mesh, P(*(batch_axes if c == "b" else head_axes if c in "hk" else None for c in layout)))
+        return [make(layout) for layout in in_layouts], [make(layout) for layout in out_layouts]
+
+    def partition(mesh, arg_shapes, result_shape):
+        arg_shardings, out_shardings = specs(mesh, arg_shapes)
+        return mesh, kernel, out_shardings[0] if single else tuple(out_shardings), tuple(arg_shardings)
+
+    def infer(mesh, arg_shapes, result_shape):
+        out_shardings = specs(mesh, arg_shapes)[1]
+        return out_shardings[0] if single else tuple(out_shardings)
+
+    wrapped = custom_partitioning(kernel)
+    wrapped.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=_rule(in_layouts, out_layouts, group),
+        **({"g": group} if group > 1 else {}),
+    )
+    return _vmap_into_batch(wrapped)
+
+
+def _vmap_into_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (arrays with batch at axis 0) under ``jax.vmap`` as one call with the mapped axis folded into the batch
+    (``custom_partitioning`` has no batching rule of its own)."""
+    folded = custom_vmap(fn)
+
+    @folded.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip(args, in_batched)]
+        outs = folded(*(x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in args))
+        unfold = lambda y: y.reshape(axis_size, y.shape[0] // axis_size, *y.shape[1:])
+        return jax.tree.map(unfold, outs), jax.tree.map(lambda _: True, outs)
+
+    return folded
+
+
+def _rule(in_layouts: Sequence[str], out_layouts: Sequence[str], group: int) -> str:
+    """Einsum-like Shardy rule: query heads are the compound factor ``(k g)`` of KV heads and the group."""
+    count = iter(range(10**6))
+
+    def factors(layout: str) -> str:
+        named = {"b": "b", "h": "(k g)" if group > 1 else "k", "k": "k"}
+        return " ".join(named.get(c) or f"x{next(count)}" for c in layout)
+
+    return f"{', '.join(map(factors, in_layouts))} -> {', '.join(map(factors, out_layouts))}"
+
+
+def _axes(mesh, arg_shapes, in_layouts: Sequence[str], group: int, heads_splittable: bool):
+    """Mesh axes of the batch and head dimensions, taken from the first argument with each dimension."""
+    batch_axes = head_axes = None
+    for shape, layout in zip(arg_shapes, in_layouts):
+        spec = tuple(getattr(shape.sharding, "spec", ())) + (None,) * len(layout)
+        if batch_axes is None and "b" in layout:
+            batch_axes = _fitting(mesh, spec[layout.index("b")], shape.shape[layout.index("b")])
+        for c in "hk":
+            if head_axes is None and c in layout and heads_splittable:
+                kv_heads = shape.shape[layout.index(c)] // (group if c == "h" else 1)
+                head_axes = _fitting(mesh, spec[layout.index(c)], kv_heads)
+    return batch_axes, head_axes
+
+
+def _fitting(mesh, axes: Any, size: int):
+    """``axes`` if they split ``size`` evenly, else ``None`` (keep the dimension whole)."""
+    if axes is None:
+        return None
+    names = axes if isinstance(axes, tuple) else (axes,)
+    shards = math.prod(mesh.shape[name] for name in names)
+    return axes if size % shards == 0 else None
+
+
+def wanted() -> bool:
+    """Whether a kernel call should be wrapped: several devices, and not already inside ``shard_map`` (whose body
+    sees its local blocks already)."""
+    return jax.device_count() > 1 and not jax.sharding.get_abstract_mesh().manual_axes
+
+
+__all__ = ["partitioned", "wanted"]
