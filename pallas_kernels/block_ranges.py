@@ -55,6 +55,7 @@ class BlockRange(NamedTuple):
             ),
         )
 
+
 def int_div(x: Int[Array, ""], divisor: int) -> Int[Array, ""]:
     """``x // divisor`` for ``x >= 0``: one truncating ``lax.div`` in ``x``'s integer dtype (a bare Python ``divisor``
     would be int64 under ``jax_enable_x64``, which ``lax.div`` refuses beside an int32 ``x``)."""
