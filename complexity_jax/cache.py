@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
@@ -52,7 +53,8 @@ class KVCache:
     @classmethod
     def zeros(cls, batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype, growable: bool):
         shape = (batch, capacity, num_kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32),
+        # A concrete (numpy) zero length, also under jit: a prefill's own first write is not a continuation.
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), np.zeros((), np.int32),
                    jnp.zeros((), jnp.bool_), growable)
 
     @property
@@ -282,7 +284,8 @@ Cache = KVCache | RingCache | LinearCache | MultiScaleCache
 
 # Axis names of each buffer, for error messages; ``None`` marks an axis whose size may differ (a KV cache's capacity).
 _AXES: dict[type, dict[str, tuple[str | None, ...]]] = {
-    KVCache: {"keys": ("batch", None, "num_kv_heads", "head_dim"), "values": ("batch", None, "num_kv_heads", "head_dim")},
+    KVCache: {"keys": ("batch", None, "num_kv_heads", "head_dim"),
+              "values": ("batch", None, "num_kv_heads", "head_dim")},
     RingCache: {"keys": ("batch", "window_size", "num_kv_heads", "head_dim"),
                 "values": ("batch", "window_size", "num_kv_heads", "head_dim")},
     LinearCache: {"state.kv": ("batch", "num_kv_heads", "head_dim", "head_dim"),

@@ -138,12 +138,15 @@ class Attention(nn.Module):
         dtype = x.dtype if self.dtype is None else self.dtype
         b, s, _ = x.shape
         h, kvh, d = self.num_heads, self.kv_heads, self.kv_dim_per_head
-        dense = lambda features, name: nn.Dense(
-            features, use_bias=False, dtype=dtype, param_dtype=self.param_dtype, name=name
+        # Logical axes (``nn.with_logical_partitioning``): projections split over heads ("heads", the flattened
+        # heads x head_dim features, heads major), the model width stays "embed"; see complexity_jax.sharding.
+        dense = lambda features, name, axes: nn.Dense(
+            features, use_bias=False, dtype=dtype, param_dtype=self.param_dtype, name=name,
+            kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, axes),
         )
-        q = dense(h * d, "q_proj")(x).reshape(b, s, h, d)
-        k = dense(kvh * d, "k_proj")(x).reshape(b, s, kvh, d)
-        v = dense(kvh * d, "v_proj")(x).reshape(b, s, kvh, d)
+        q = dense(h * d, "q_proj", ("embed", "heads"))(x).reshape(b, s, h, d)
+        k = dense(kvh * d, "k_proj", ("embed", "kv_heads"))(x).reshape(b, s, kvh, d)
+        v = dense(kvh * d, "v_proj", ("embed", "kv_heads"))(x).reshape(b, s, kvh, d)
         if self.use_rope:
             start = 0 if cache is None else cache.length
             positions = start + jnp.arange(s, dtype=jnp.int32)
@@ -153,7 +156,7 @@ class Attention(nn.Module):
             out, new_cache = self.prefill(q, k, v)
         else:
             out, new_cache = self.continue_cache(cache, q, k, v)
-        out = dense(self.hidden_size, "o_proj")(out.reshape(b, s, h * d))
+        out = dense(self.hidden_size, "o_proj", ("heads", "embed"))(out.reshape(b, s, h * d))
         return out, new_cache
 
     def prefill(self, q, k, v) -> tuple[Array, Cache]:
