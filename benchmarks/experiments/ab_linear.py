@@ -1,6 +1,6 @@
 """Interleaved A/B of two linear-attention designs, fwd and fwd+bwd at batch 2, 32 heads, d128, bf16, elu, causal.
 
-``python benchmarks/ab_linear.py OUT.json OLD_NAME`` with the older module checked out beside the current one as
+``python benchmarks/experiments/ab_linear.py OUT.json OLD_NAME`` with the older module checked out beside the current one as
 ``pallas_kernels/_triton/linear_old.py`` (``git show COMMIT:pallas_kernels/_triton/linear.py``); ``OLD_NAME`` labels
 it in the JSON. Used for b15d2b3's sequential backward walks vs the chunk-parallel backward, and for a417f11's
 sequential causal forward vs the chunk-parallel forward.

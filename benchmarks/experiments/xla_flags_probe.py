@@ -1,6 +1,6 @@
 """Times our causal and windowed forward (and causal forward+backward) under the XLA flags of this process.
 
-``XLA_FLAGS=... python benchmarks/xla_flags_probe.py OUT.json LABEL``: issue-3 shape (batch 2, 32/8 heads, d128,
+``XLA_FLAGS=... python benchmarks/experiments/xla_flags_probe.py OUT.json LABEL``: issue-3 shape (batch 2, 32/8 heads, d128,
 bf16, S=8192, W=1024). Run once per flag set, each in its own process, to see which of XLA's code-generation
 settings for Triton kernels (FMA contraction, flush-to-zero of libdevice's exp2) costs what. Appends one row.
 """

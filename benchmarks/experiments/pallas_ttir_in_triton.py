@@ -1,6 +1,6 @@
 """Runs the Triton IR that Pallas emits for our causal forward through Python Triton's own compiler.
 
-``python benchmarks/pallas_ttir_in_triton.py OUT.json``: lowers our forward (issue-3 shape: batch 2, 32/8 heads,
+``python benchmarks/experiments/pallas_ttir_in_triton.py OUT.json``: lowers our forward (issue-3 shape: batch 2, 32/8 heads,
 d128, bf16, causal, S=8192) with ``pallas_call(debug=True)``, strips the debug locations from the printed module,
 compiles it with ``triton.compile`` (num_warps 8, num_stages 3, as ``KernelConfig`` asks) and times it on torch
 tensors beside the same kernel run by JAX (XLA's Triton pipeline). Same IR, two compilers: a gap is XLA's

@@ -4,7 +4,7 @@ sparse dK/dV pass with long key rows split into pieces (``block_tables.split_lon
 The same script at commit e696fe3 also switched the causal query-block launch order (longest rows first); that
 made no difference beyond noise (BENCHMARKS.md) and was removed.
 
-``python benchmarks/ab_schedule.py OUT.json [ROUNDS]``. Both variants are compiled first, then timed alternately, so that
+``python benchmarks/experiments/ab_schedule.py OUT.json [ROUNDS]``. Both variants are compiled first, then timed alternately, so that
 drift (clocks, other tenants) hits both sides alike; the JSON is rewritten after every measurement.
 """
 

@@ -1,6 +1,6 @@
 """What the Triton compiler itself reaches on the causal forward: the Triton tutorial's fused-attention loop.
 
-``python benchmarks/triton_tutorial_fwd.py OUT.json``: written directly in Triton (torch tensors), not through
+``python benchmarks/experiments/triton_tutorial_fwd.py OUT.json``: written directly in Triton (torch tensors), not through
 Pallas, on the issue-3 shape (batch 2, 32 query / 8 KV heads, head_dim 128, bf16, causal, S=8192). The loop is the
 tutorial's (``06-fused-attention.py``): unmasked blocks below the diagonal, then the diagonal block with its mask,
 ``exp2`` with the scale folded into one multiply-add, the accumulator rescaled and fed to the second dot. Loads are
@@ -12,7 +12,7 @@ Variants switch on, one at a time, what the Pallas lowering emits differently (r
 ``k_rows`` (K loaded ``[BLOCK_N, D]`` and transposed instead of loaded transposed), ``libdevice_exp2`` (libdevice's
 ``__nv_exp2f`` instead of ``ex2.approx``), ``pallas_grid`` (grid ``(q blocks, batch, heads)``, Pallas's order, instead
 of ``(q blocks, batch * heads)``). Each row also counts the ``wgmma`` instructions of the compiled PTX.
-``python benchmarks/triton_tutorial_fwd.py OUT.json pallas_grid`` runs only the named variants beside the plain one.
+``python benchmarks/experiments/triton_tutorial_fwd.py OUT.json pallas_grid`` runs only the named variants beside the plain one.
 """
 
 from __future__ import annotations
