@@ -10,6 +10,7 @@ kernel's mask does not depend on the head index; otherwise heads stay whole (gat
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,30 +29,39 @@ def partitioned(
     out_layouts: Sequence[str],
     *,
     group: int,
-    heads_splittable: bool,
+    heads_splittable: bool = True,
+    head_dependent: bool = False,
 ) -> Callable[..., Any]:
     """``kernel(*arrays)`` (one array per layout, results in ``out_layouts`` order) that partitions over batch/heads.
 
-    ``kernel`` is called on each device's shards; it must compute the same function of them as of the whole arrays
-    (true of every kernel whose mask is the same for every head when ``heads_splittable``).
+    ``kernel`` is called on each device's shards and must compute the same function of them as of the whole arrays.
+    ``head_dependent``: the kernel's result depends on which heads a device holds (per-head windows, sparse random
+    blocks); it is then called as ``kernel(*arrays, head_shard=(index, count))`` with the device's head shard
+    (a traced index) and the number of shards. ``heads_splittable=False`` keeps heads whole.
     """
     single = len(out_layouts) == 1
 
-    def specs(mesh, arg_shapes) -> tuple[list[NamedSharding], list[NamedSharding]]:
+    def specs(mesh, arg_shapes):
         batch_axes, head_axes = _axes(mesh, arg_shapes, in_layouts, group, heads_splittable)
         make = lambda layout: NamedSharding(
             mesh, P(*(batch_axes if c == "b" else head_axes if c in "hk" else None for c in layout)))
-        return [make(layout) for layout in in_layouts], [make(layout) for layout in out_layouts]
+        return [make(layout) for layout in in_layouts], [make(layout) for layout in out_layouts], head_axes
 
     def partition(mesh, arg_shapes, result_shape):
-        arg_shardings, out_shardings = specs(mesh, arg_shapes)
-        return mesh, kernel, out_shardings[0] if single else tuple(out_shardings), tuple(arg_shardings)
+        arg_shardings, out_shardings, head_axes = specs(mesh, arg_shapes)
+        local = kernel
+        if head_dependent:
+            names = () if head_axes is None else head_axes if isinstance(head_axes, tuple) else (head_axes,)
+            count = math.prod(mesh.shape[name] for name in names)
+            index = lambda: jax.lax.axis_index(names) if names else 0
+            local = lambda *arrays: kernel(*arrays, head_shard=(index(), count))
+        return mesh, local, out_shardings[0] if single else tuple(out_shardings), tuple(arg_shardings)
 
     def infer(mesh, arg_shapes, result_shape):
         out_shardings = specs(mesh, arg_shapes)[1]
         return out_shardings[0] if single else tuple(out_shardings)
 
-    wrapped = custom_partitioning(kernel)
+    wrapped = custom_partitioning(lambda *arrays: kernel(*arrays))  # unpartitioned: every head
     wrapped.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,
@@ -110,10 +120,20 @@ def _fitting(mesh, axes: Any, size: int):
     return axes if size % shards == 0 else None
 
 
+def per_head_shard(run: Callable[[Any], Any], mask: Any, shard: Any, num_shards: int) -> Any:
+    """``run(local_mask)`` with ``local_mask`` the heads of head shard ``shard`` (traced) of ``num_shards`` equal
+    shards of ``mask`` (``WindowMask`` or ``SparseMask``): one static branch per shard (``lax.switch``)."""
+    if num_shards == 1:
+        return run(mask)
+    local = mask.num_heads // num_shards
+    branches = [functools.partial(run, mask.heads(i * local, local)) for i in range(num_shards)]
+    return jax.lax.switch(shard, branches)
+
+
 def wanted() -> bool:
     """Whether a kernel call should be wrapped: several devices, and not already inside ``shard_map`` (whose body
     sees its local blocks already)."""
     return jax.device_count() > 1 and not jax.sharding.get_abstract_mesh().manual_axes
 
 
-__all__ = ["partitioned", "wanted"]
+__all__ = ["partitioned", "per_head_shard", "wanted"]

@@ -54,53 +54,55 @@ def forward(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Array]:
     """Output and base-2 log-sum-exp of ``plan.forward_backend`` (``plan`` as returned by ``prepare``); under ``jit``
     with inputs sharded over batch/heads each device runs its own shard (``_partitioning``)."""
 
-    def kernel(q, k, v):
-        local = _local_plan(plan, q.shape[2])
+    def run(local: Plan, q, k, v):
         if local.forward_backend == "mosaic":
             return mosaic.forward(q, k, v, local.mask, local.softmax_scale, local.mosaic_config)
         return triton.forward(q, k, v, local.mask, local.softmax_scale, local.interpret, local.triton_config)
 
-    if not _partitioning.wanted():
-        return kernel(q, k, v)
-    group = q.shape[2] // k.shape[2]
-    return _partitioning.partitioned(kernel, ("b.h.", "b.k.", "b.k."), ("b.h.", "bh."), group=group,
-                                     heads_splittable=not _head_dependent(plan.mask))(q, k, v)
+    return _partitioned(run, plan, (q, k, v), ("b.h.", "b.k.", "b.k."), ("b.h.", "bh."))
 
 
 def backward(plan: Plan, res: tuple[Array, Array, Array, Array, Array], do: Array) -> tuple[Array, Array, Array]:
     """dQ, dK, dV of ``plan.backward_backend`` from residuals ``(q, k, v, out, lse)``; ``out``/``lse`` may be the
     final ones of rows that also saw other keys (context parallelism). Partitioned as ``forward``."""
 
-    def kernel(q, k, v, out, lse, do):
-        local = _local_plan(plan, q.shape[2])
+    def run(local: Plan, q, k, v, out, lse, do):
         if local.backward_backend == "mosaic":
             return mosaic.backward(local.mask, local.softmax_scale, local.mosaic_config, (q, k, v, out, lse), do)
         return triton.backward(local.mask, local.softmax_scale, local.interpret, local.triton_config,
                                (q, k, v, out, lse), do)
 
-    if not _partitioning.wanted():
-        return kernel(*res, do)
-    q, k = res[0], res[1]
     layouts = ("b.h.", "b.k.", "b.k.", "b.h.", "bh.", "b.h.")
-    return _partitioning.partitioned(kernel, layouts, ("b.h.", "b.k.", "b.k."), group=q.shape[2] // k.shape[2],
-                                     heads_splittable=not _head_dependent(plan.mask))(*res, do)
+    return _partitioned(run, plan, (*res, do), layouts, ("b.h.", "b.k.", "b.k."))
+
+
+def _partitioned(run, plan: Plan, arrays: tuple[Array, ...], in_layouts, out_layouts):
+    """``run(plan, *arrays)`` on each device's batch rows and heads (``_partitioning``); a mask that differs between
+    heads gets the heads of the device's shard."""
+    if not _partitioning.wanted():
+        return run(plan, *arrays)
+
+    def kernel(*local_arrays, head_shard=None):
+        if head_shard is None:  # every head has the same mask: any slice of it is the local one
+            return run(_local_plan(plan, local_arrays[0].shape[2]), *local_arrays)
+        return _partitioning.per_head_shard(
+            lambda mask: run(dataclasses.replace(plan, mask=mask), *local_arrays), plan.mask, *head_shard)
+
+    q, k = arrays[0], arrays[1]
+    return _partitioning.partitioned(kernel, in_layouts, out_layouts, group=q.shape[2] // k.shape[2],
+                                     head_dependent=_head_dependent(plan.mask))(*arrays)
 
 
 def _head_dependent(mask: WindowMask | SparseMask) -> bool:
-    """Whether the mask differs between heads (multi-scale windows, sparse random blocks): such calls keep their
-    heads whole on every device."""
+    """Whether the mask differs between heads (multi-scale windows, sparse random blocks)."""
     if isinstance(mask, SparseMask):
         return mask.num_random_blocks > 0
     return len(set(mask.windows)) > 1
 
 
 def _local_plan(plan: Plan, num_heads: int) -> Plan:
-    """``plan`` for a device holding ``num_heads`` query heads (all heads alike when they were split)."""
-    if num_heads == plan.mask.num_heads:
-        return plan
-    if isinstance(plan.mask, SparseMask):
-        return dataclasses.replace(plan, mask=dataclasses.replace(plan.mask, num_heads=num_heads))
-    return dataclasses.replace(plan, mask=WindowMask(plan.mask.windows[:num_heads], plan.mask.causal))
+    """``plan`` for a device holding ``num_heads`` query heads of a mask that is the same for every head."""
+    return plan if num_heads == plan.mask.num_heads else dataclasses.replace(plan, mask=plan.mask.heads(0, num_heads))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -33,6 +33,10 @@ class WindowMask:
     def num_heads(self) -> int:
         return len(self.windows)
 
+    def heads(self, start: int, count: int) -> WindowMask:
+        """The mask of query heads ``[start, start + count)`` (a device holding a slice of the heads)."""
+        return WindowMask(self.windows[start:start + count], self.causal)
+
     def window_array(self) -> np.ndarray:
         """int32 ``[heads]`` windows, ``UNLIMITED_WINDOW`` for ``None``."""
         return np.array([UNLIMITED_WINDOW if w is None else w for w in self.windows], np.int32)
@@ -62,6 +66,13 @@ class SparseMask:
     num_random_blocks: int = 3
     seed: int = 0
     causal: bool = True
+    # Global index of head 0: a device holding heads [first_head, first_head + num_heads) of a sharded call draws
+    # the random blocks of those global heads.
+    first_head: int = 0
+
+    def heads(self, start: int, count: int) -> SparseMask:
+        """The mask of heads ``[start, start + count)`` of this one."""
+        return dataclasses.replace(self, num_heads=count, first_head=self.first_head + start)
 
     def random_blocks(self, num_blocks: int) -> np.ndarray:
         """int32 ``[heads, num_blocks, num_random_blocks]``: the random key blocks of each query block.
@@ -73,7 +84,7 @@ class SparseMask:
         """
         return _random_block_table(
             self.num_heads, num_blocks, self.num_local_blocks, self.num_random_blocks, self.seed,
-            self.causal,
+            self.causal, self.first_head,
         )
 
     def visible(
@@ -102,7 +113,7 @@ class SparseMask:
 @functools.lru_cache(maxsize=64)
 def _random_block_table(
     num_heads: int, num_blocks: int, num_local_blocks: int, num_random_blocks: int, seed: int,
-    causal: bool,
+    causal: bool, first_head: int = 0,
 ) -> np.ndarray:
     table = np.full((num_heads, num_blocks, num_random_blocks), -1, np.int32)
     if num_random_blocks == 0:
@@ -117,7 +128,7 @@ def _random_block_table(
                 candidates = all_blocks[np.abs(all_blocks - qb) > band]
             if candidates.size == 0:
                 continue
-            rng = np.random.default_rng([seed, h, qb, num_local_blocks, num_random_blocks])
+            rng = np.random.default_rng([seed, first_head + h, qb, num_local_blocks, num_random_blocks])
             take = min(num_random_blocks, candidates.size)
             table[h, qb, :take] = np.sort(rng.choice(candidates, size=take, replace=False))
     table.setflags(write=False)

@@ -13,12 +13,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import _softmax_kernels, reference
 from pallas_kernels._autodiff import forward_mode_guard
 from pallas_kernels._dispatch import choose_backend, use_pallas
 from pallas_kernels._mosaic import softmax as mosaic_softmax
+from pallas_kernels._partitioning import per_head_shard
 from pallas_kernels._mosaic.softmax import MosaicConfig
 from pallas_kernels._triton import decode as triton_decode
 from pallas_kernels._triton.softmax import KernelConfig
@@ -50,26 +52,41 @@ def _per_head_windows(name: str, windows: int | None | Sequence[int | None], num
 
 
 def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
-                      op_name):
+                      op_name, head_axis_name=None):
     check_attention_inputs(q, k, v, causal=causal)
     check_bool(interpret=interpret)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    mask = WindowMask(windows, bool(causal))
     if kernel_config is not None and not isinstance(kernel_config, (KernelConfig, MosaicConfig)):
         raise TypeError(f"kernel_config must be a KernelConfig (Triton) or a MosaicConfig, got {kernel_config!r}")
-    backend = choose_backend(implementation, op_name, _window_kernels(q, k, mask, interpret, kernel_config))
-    if backend == "xla":
-        q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
-        return reference.softmax_attention(q, k, v, mask.visible(q_pos, k_pos)[None], scale)
-    backward = backend
-    if backend == "mosaic" and mosaic_softmax.unsupported_reason(q, k, mask, backward=True) is not None:
-        backward = "triton"  # head_dim 256: the Mosaic backward's tiles do not fit in shared memory
-    plan = _softmax_kernels.Plan(
-        mask, scale, forward_backend=backend, backward_backend=backward, interpret=interpret,
-        triton_config=kernel_config if isinstance(kernel_config, KernelConfig) else None,
-        mosaic_config=kernel_config if isinstance(kernel_config, MosaicConfig) else None,
-    )
-    return forward_mode_guard(op_name, (q, k, v), lambda: _softmax_kernels.attention(q, k, v, plan))
+
+    def run(mask: WindowMask):
+        backend = choose_backend(implementation, op_name, _window_kernels(q, k, mask, interpret, kernel_config))
+        if backend == "xla":
+            q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
+            return reference.softmax_attention(q, k, v, mask.visible(q_pos, k_pos)[None], scale)
+        backward = backend
+        if backend == "mosaic" and mosaic_softmax.unsupported_reason(q, k, mask, backward=True) is not None:
+            backward = "triton"  # head_dim 256: the Mosaic backward's tiles do not fit in shared memory
+        plan = _softmax_kernels.Plan(
+            mask, scale, forward_backend=backend, backward_backend=backward, interpret=interpret,
+            triton_config=kernel_config if isinstance(kernel_config, KernelConfig) else None,
+            mosaic_config=kernel_config if isinstance(kernel_config, MosaicConfig) else None,
+        )
+        return forward_mode_guard(op_name, (q, k, v), lambda: _softmax_kernels.attention(q, k, v, plan))
+
+    return _on_local_heads(run, WindowMask(windows, bool(causal)), head_axis_name)
+
+
+def _head_shards(head_axis_name: str | None) -> int:
+    """Number of devices the heads are split over inside ``shard_map`` (1 without ``head_axis_name``)."""
+    return 1 if head_axis_name is None else lax.axis_size(head_axis_name)
+
+
+def _on_local_heads(run, mask: WindowMask | SparseMask, head_axis_name: str | None):
+    """``run`` on this device's heads of ``mask`` (all of them without ``head_axis_name``)."""
+    if head_axis_name is None:
+        return run(mask)
+    return per_head_shard(run, mask, lax.axis_index(head_axis_name), lax.axis_size(head_axis_name))
 
 
 def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config) -> dict[str, str | None]:
@@ -121,18 +138,22 @@ def multiscale_attention(
     implementation: str = "auto",
     interpret: bool = False,
     kernel_config: KernelConfig | MosaicConfig | None = None,
+    head_axis_name: str | None = None,
 ) -> Float[Array, "b sq h d"]:
     """Softmax attention where query head ``h`` sees a window of ``window_sizes[h]`` (``None``: every key).
 
-    All heads run in one kernel launch; ``kernel_config`` as in ``flash_attention``.
+    All heads run in one kernel launch; ``kernel_config`` as in ``flash_attention``. Inside ``shard_map`` with the
+    heads split over the mesh axis ``head_axis_name``, ``window_sizes`` lists every global head and each device
+    applies the windows of the heads it holds (contiguous, in axis order).
     """
     if window_sizes is None or np.ndim(window_sizes) == 0:
         raise TypeError(
             f"window_sizes must be a sequence with one int or None per query head, got {window_sizes!r}"
         )
-    windows = _per_head_windows("window_sizes", window_sizes, q.shape[2] if q.ndim == 4 else 0)
+    num_heads = (q.shape[2] if q.ndim == 4 else 0) * _head_shards(head_axis_name)
+    windows = _per_head_windows("window_sizes", window_sizes, num_heads)
     return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
-                             "multiscale_attention")
+                             "multiscale_attention", head_axis_name)
 
 
 def sparse_attention(
@@ -150,14 +171,17 @@ def sparse_attention(
     implementation: str = "auto",
     interpret: bool = False,
     kernel_config: KernelConfig | None = None,
+    head_axis_name: str | None = None,
 ) -> Float[Array, "b sq h d"]:
     """BigBird/Longformer block-sparse softmax attention under ``masks.sparse_mask``.
 
     Queries are the last ``q_len <= kv_len`` positions. The Pallas kernel visits only the tiles holding a visible
     element (static block tables); ``kernel_config`` as in ``flash_attention`` (default: a per-shape table with
-    tiles no larger than ``block_size`` where that is a power of two >= 16).
+    tiles no larger than ``block_size`` where that is a power of two >= 16). Inside ``shard_map`` with the heads
+    split over ``head_axis_name``, each device draws the random blocks of the global heads it holds.
     """
     num_heads, _ = check_attention_inputs(q, k, v, causal=causal)
+    num_heads *= _head_shards(head_axis_name)
     config = SparseMask(num_heads, block_size, num_global_tokens, num_local_blocks, num_random_blocks,
                         seed, causal)
     check_sparse_config(config)
@@ -170,13 +194,18 @@ def sparse_attention(
             " positions of the key sequence"
         )
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    if use_pallas(implementation, "sparse_attention", kernel_dtype_reason(q, k)):
-        plan = _softmax_kernels.Plan(config, scale, triton_config=kernel_config, interpret=interpret)
-        return forward_mode_guard("sparse_attention", (q, k, v), lambda: _softmax_kernels.attention(q, k, v, plan))
-    q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
-    num_blocks = -(-k.shape[1] // block_size)
-    visible = config.visible(q_pos, k_pos, num_blocks)[None]
-    return reference.softmax_attention(q, k, v, visible, scale)
+    pallas = use_pallas(implementation, "sparse_attention", kernel_dtype_reason(q, k))
+
+    def run(mask: SparseMask):
+        if pallas:
+            plan = _softmax_kernels.Plan(mask, scale, triton_config=kernel_config, interpret=interpret)
+            return forward_mode_guard("sparse_attention", (q, k, v),
+                                      lambda: _softmax_kernels.attention(q, k, v, plan))
+        q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
+        visible = mask.visible(q_pos, k_pos, -(-k.shape[1] // block_size))[None]
+        return reference.softmax_attention(q, k, v, visible, scale)
+
+    return _on_local_heads(run, config, head_axis_name)
 
 
 def attention_at_positions(

@@ -44,7 +44,6 @@ OPS = {
     "sparse_no_random": lambda q, k, v, **o: pk.sparse_attention(q, k, v, block_size=8, num_random_blocks=0, **o),
 }
 # Masks that differ between heads keep heads whole on each device (the batch is still split).
-HEAD_DEPENDENT = {"multiscale", "sparse"}
 
 
 def _gathers(compiled_text: str) -> int:
@@ -71,13 +70,10 @@ def test_sharded_jit_equals_unsharded_without_gathers(mesh, op, spec):
         for g, r in zip(grads(qs, ks, vs), jax.grad(loss(implementation="xla"), argnums=(0, 1, 2))(q, k, v)):
             assert relerr(g, r) < 1e-5
         compiled.append(grads.lower(qs, ks, vs).compile())
-    heads_split = "model" in spec and op not in HEAD_DEPENDENT
-    if heads_split or "model" not in spec:
-        assert out.sharding.spec == spec
-        for program in compiled:
-            assert _gathers(program.as_text()) == 0
-    else:
-        assert out.sharding.spec[0] == spec[0]  # heads gathered for a head-dependent mask; batch still split
+    # Every mask splits its heads (per-head masks: one static branch per head shard); nothing is gathered.
+    assert out.sharding.spec == spec
+    for program in compiled:
+        assert _gathers(program.as_text()) == 0
 
 
 def test_device_runs_only_its_shard(mesh):
@@ -96,10 +92,10 @@ def test_ops_inside_shard_map_with_vma_checks(mesh, op):
     q, k, v = _arrays()
     spec = P("data", None, "model")
     fn = OPS[op]
-    if op in HEAD_DEPENDENT:
-        spec = P("data")
-    local = jax.shard_map(functools.partial(fn, implementation="xla"), mesh=mesh, in_specs=(spec,) * 3,
-                          out_specs=spec)
+    # Masks that differ by head find their global heads from the head axis.
+    local_options = {"head_axis_name": "model"} if op in ("multiscale", "sparse") else {}
+    local = jax.shard_map(functools.partial(fn, implementation="xla", **local_options), mesh=mesh,
+                          in_specs=(spec,) * 3, out_specs=spec)
     out = jax.jit(local)(*(jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)))
     assert relerr(out, fn(q, k, v, implementation="xla")) < 1e-5
 
