@@ -39,7 +39,7 @@ class Size:
 
 SIZES = {
     "gpu": Size(batch=2, seq_len=8192, hidden_size=4096, num_heads=32, num_kv_heads=8, dtype="bfloat16"),
-    "cpu": Size(batch=1, seq_len=2048, hidden_size=512, num_heads=8, num_kv_heads=2, dtype="float32"),
+    "cpu": Size(batch=1, seq_len=1024, hidden_size=256, num_heads=4, num_kv_heads=2, dtype="float32"),
 }
 # The kernels in interpret mode (off a GPU): small enough for an emulator, large enough for several tiles per form.
 INTERPRET_SIZE = Size(batch=1, seq_len=64, hidden_size=64, num_heads=4, num_kv_heads=2, dtype="float32")
