@@ -134,15 +134,16 @@ def _to_merge(lse: Array) -> Array:
     return jnp.where(lse == jnp.inf, -jnp.inf, lse)  # the kernels mark rows without keys +inf (their backward's 0)
 
 
-def _ring_steps(axis_name: str, num_devices: int, causal: bool):
-    """Per ring step ``t >= 1``: whether this device sees the key block it holds (block ``r - t``)."""
-    r = lax.axis_index(axis_name)
-    return [(t, (r >= t) if causal else None) for t in range(1, num_devices)]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _ring_attention(q, k, v, kernels: _BlockKernels, axis_name: str, num_devices: int, causal: bool):
     return _ring_forward(q, k, v, kernels, axis_name, num_devices, causal)[0]
+
+
+def _ring_loop(step, carry, axis_name: str, num_devices: int, causal: bool):
+    """Ring steps ``t = 1 .. n-1`` as one loop (buffers reused whatever ``n``): ``step(sees, carry)`` after the
+    carry's key block moved one device on; ``sees`` says whether this device sees that block (``r - t``)."""
+    r = lax.axis_index(axis_name)
+    return lax.fori_loop(1, num_devices, lambda t, c: step(r >= t if causal else None, c), carry)
 
 
 def _ring_forward(q, k, v, kernels, axis_name, num_devices, causal):
@@ -150,8 +151,9 @@ def _ring_forward(q, k, v, kernels, axis_name, num_devices, causal):
     diagonal, full = WindowMask((None,) * heads, causal), WindowMask((None,) * heads, False)
     out, lse = kernels.forward(q, k, v, diagonal)
     out, lse = out.astype(jnp.float32), _to_merge(lse)
-    kv = (k, v)
-    for _, sees in _ring_steps(axis_name, num_devices, causal):
+
+    def step(sees, carry):
+        kv, out, lse = carry
         kv = lax.ppermute(kv, axis_name, _next_device(num_devices))
         block = lambda kv: kernels.forward(q, *kv, full)
         if sees is None:
@@ -160,7 +162,9 @@ def _ring_forward(q, k, v, kernels, axis_name, num_devices, causal):
             nothing = lambda kv: (vary_like(jnp.zeros(q.shape, q.dtype), q),
                                   vary_like(jnp.full(lse.shape, jnp.inf, jnp.float32), q))
             block_out, block_lse = lax.cond(sees, block, nothing, kv)
-        out, lse = _merge(out, lse, block_out, _to_merge(block_lse))
+        return (kv, *_merge(out, lse, block_out, _to_merge(block_lse)))
+
+    _, out, lse = _ring_loop(step, ((k, v), out, lse), axis_name, num_devices, causal)
     out = out.astype(q.dtype)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
     return out, (q, k, v, out, lse)
@@ -172,8 +176,9 @@ def _ring_backward(kernels, axis_name, num_devices, causal, res, do):
     diagonal, full = WindowMask((None,) * heads, causal), WindowMask((None,) * heads, False)
     f32 = lambda *xs: tuple(x.astype(jnp.float32) for x in xs)
     dq, dk, dv = f32(*kernels.backward(diagonal, (q, k, v, out, lse), do))
-    kv = (k, v)
-    for _, sees in _ring_steps(axis_name, num_devices, causal):
+
+    def step(sees, carry):
+        kv, dq, dk, dv = carry
         kv, dk, dv = lax.ppermute((kv, dk, dv), axis_name, _next_device(num_devices))
         block = lambda kv: f32(*kernels.backward(full, (q, *kv, out, lse), do))
         if sees is None:
@@ -181,7 +186,9 @@ def _ring_backward(kernels, axis_name, num_devices, causal, res, do):
         else:
             zeros = lambda kv: f32(*(vary_like(jnp.zeros_like(x), q) for x in (q, *kv)))
             grads = lax.cond(sees, block, zeros, kv)
-        dq, dk, dv = dq + grads[0], dk + grads[1], dv + grads[2]
+        return kv, dq + grads[0], dk + grads[1], dv + grads[2]
+
+    _, dq, dk, dv = _ring_loop(step, ((k, v), dq, dk, dv), axis_name, num_devices, causal)
     # After n - 1 hops each key block's gradients sit one device before their owner.
     if num_devices > 1:
         dk, dv = lax.ppermute((dk, dv), axis_name, _next_device(num_devices))
