@@ -17,6 +17,7 @@ EXPECTED = {
     "quickstart.ipynb": ("max difference", "linear"),
     "benchmarks.ipynb": ("NVIDIA H200", "cudnn"),
     "training.ipynb": ("final loss", "multiscale"),
+    "sharding.ipynb": ("sharded == unsharded", "context parallel"),
 }
 
 
