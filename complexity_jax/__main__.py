@@ -1,4 +1,4 @@
-"""``python -m complexity_jax``: build the five layers at a size fit for this device, run a forward and a
+"""python -m complexity_jax: build the five layers at a size fit for this device, run a forward and a
 backward pass, check the outputs and gradients against the pure-JAX float32 reference, and print one table.
 
 Each row says which path ran (read from the traced program): Pallas-Mosaic or Pallas-Triton kernels on a GPU,

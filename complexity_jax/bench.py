@@ -1,20 +1,20 @@
-"""``python -m complexity_jax.bench``: our kernels beside their peers, in one run, one table.
+"""python -m complexity_jax.bench: our kernels beside their peers, in one run, one table.
 
 Each row times one attention call forward, and forward+backward (gradients of q, k and v): a few warm-up runs,
 then the median of many runs. It reports milliseconds, TFLOP/s over the (query, key) pairs the mask lets through
 (causal counts the triangle, a window its band; the backward counts as 2.5 forwards, as FlashAttention does) and
 the scratch memory of the compiled forward+backward.
 
-Peers: cuDNN and XLA through ``jax.nn.dot_product_attention`` (XLA only where the S x S scores fit in memory),
-the Pallas ``mha`` kernel that ships with JAX (it has no GQA, so K/V are repeated inside its timed call) and, for
-linear attention, flash-linear-attention (``pip install fla-core``, with PyTorch; its row says so when missing).
+Peers: cuDNN and XLA through jax.nn.dot_product_attention (XLA only where the S x S scores fit in memory),
+the Pallas mha kernel that ships with JAX (it has no GQA, so K/V are repeated inside its timed call) and, for
+linear attention, flash-linear-attention (pip install fla-core, with PyTorch; its row says so when missing).
 
 Suites: softmax (causal, full and sliding-window attention), multiscale (beside its local and global heads run
 alone), sparse (a BigBird mask beside dense causal attention), linear (beside fla and causal softmax attention)
 and decode (one new token against a cache: time and memory bandwidth, beside a plain copy).
 
 Off a GPU the kernels run in Pallas interpret mode (an emulator: slow, and its times mean nothing); use
-``--quick`` there to check that everything runs.
+--quick there to check that everything runs.
 """
 
 from __future__ import annotations
