@@ -9,22 +9,35 @@ query at ``i`` iff ``0 <= i - j < W`` (causal) or ``|i - j| < W`` (non-causal), 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Int
 
 
-class Geometry(Protocol):
-    """Trace-time lengths and mask kind of one attention call."""
+_LOG2E = math.log2(math.e)
+
+
+class Geometry(NamedTuple):
+    """Trace-time constants of one attention call: real lengths, head size, mask kind and score scale."""
 
     q_len: int
     kv_len: int
+    head_dim: int
     causal: bool
+    softmax_scale: float
 
     @property
-    def offset(self) -> int: ...
+    def offset(self) -> int:
+        """Absolute position of query row 0."""
+        return self.kv_len - self.q_len
+
+    @property
+    def qk_scale(self) -> float:
+        """Score scale in the base-2 domain: ``exp(scale * x) == exp2(qk_scale * x)``."""
+        return self.softmax_scale * _LOG2E
 
 
 class Phase(NamedTuple):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -32,7 +31,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from pallas_kernels._vma import out_struct
-from pallas_kernels.block_ranges import BlockRange, kv_block_range, q_block_range
+from pallas_kernels.block_ranges import BlockRange, Geometry, kv_block_range, q_block_range
 from pallas_kernels.masks import UNLIMITED_WINDOW, WindowMask
 
 try:  # Mosaic GPU's Pallas API moves between releases; ``SUPPORTED_JAX`` lists the versions this file is tested on.
@@ -44,7 +43,6 @@ except ImportError:  # pragma: no cover - depends on the installed JAX
 SUPPORTED_JAX = ("0.11.2",)
 DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128, 256)
-_LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,25 +105,6 @@ def _warn_untested_jax() -> None:
     )
 
 
-class _Static(NamedTuple):
-    """Trace-time constants: real lengths (the arrays may be padded), mask kind and the score scale."""
-
-    q_len: int
-    kv_len: int
-    head_dim: int
-    causal: bool
-    softmax_scale: float
-
-    @property
-    def offset(self) -> int:
-        """Absolute position of query row 0."""
-        return self.kv_len - self.q_len
-
-    @property
-    def qk_scale(self) -> float:
-        return self.softmax_scale * _LOG2E
-
-
 def _head_window(windows: tuple[int | None, ...], head) -> Any:
     """The window of query head ``head`` (traced) as an int32 scalar: a select per run of equal windows."""
     values = [UNLIMITED_WINDOW if w is None else min(w, UNLIMITED_WINDOW) for w in windows]
@@ -173,6 +152,12 @@ class _Ring(NamedTuple):
 
     def release(self, slot):
         plgpu.barrier_arrive(self.free.at[slot])
+
+
+def _key_blocks(first_row, window, st: Geometry, block_q: int, block_kv: int) -> BlockRange:
+    """Key blocks seen by query rows ``[first_row, first_row + block_q)`` (rows past ``q_len`` are padding)."""
+    last_row = jnp.minimum(first_row + block_q, st.q_len) - 1
+    return kv_block_range(first_row + st.offset, last_row + st.offset, window, st, block_kv)
 
 
 def _union(a: BlockRange, b: BlockRange):
@@ -258,7 +243,7 @@ def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, kv_head, sta
 # Forward: two consumers of block_q query rows each, ping-ponging their softmax with each other's matrix products.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: _Static, windows, group: int,
+def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: Geometry, windows, group: int,
                     num_q_programs: int, config: MosaicConfig):
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_ring, v_ring), q_ready, schedule = scratch
     bq, bk, stages = config.block_q, config.block_kv, config.stages
@@ -267,10 +252,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: _Stat
     program_q = num_q_programs - 1 - lax.axis_index("q_seq")
     window = _head_window(windows, head)
 
-    def key_blocks(w):
-        r0 = program_q * (2 * bq) + w * bq
-        return kv_block_range(r0 + st.offset, jnp.minimum(r0 + bq, st.q_len) - 1 + st.offset, window, st, bk)
-
+    key_blocks = lambda w: _key_blocks(program_q * (2 * bq) + w * bq, window, st, bq, bk)
     start, stop = _union(key_blocks(0), key_blocks(1))
 
     def schedule_barrier():
@@ -368,7 +350,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: _Stat
         _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, lax.div(head, group), start, stop, bk, stages)
 
 
-def _forward_call(q, k, v, st: _Static, windows, config: MosaicConfig):
+def _forward_call(q, k, v, st: Geometry, windows, config: MosaicConfig):
     batch, q_len_padded, heads, head_dim = q.shape
     bq, bk, stages = config.block_q, config.block_kv, config.stages
     num_q_programs = q_len_padded // (2 * bq)
@@ -401,7 +383,7 @@ def _forward_call(q, k, v, st: _Static, windows, config: MosaicConfig):
 # key rows, summed over the query heads of their KV head; queries streamed). delta = rowsum(dO * O) comes from XLA.
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch, *, st: _Static, windows,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch, *, st: Geometry, windows,
                group: int, config: MosaicConfig):
     (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), (k_ring, v_ring), row_ready = scratch
     bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
@@ -409,10 +391,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
     program_q = lax.axis_index("q_seq")
     window = _head_window(windows, head)
 
-    def key_blocks(w):
-        r0 = program_q * (2 * bq) + w * bq
-        return kv_block_range(r0 + st.offset, jnp.minimum(r0 + bq, st.q_len) - 1 + st.offset, window, st, bk)
-
+    key_blocks = lambda w: _key_blocks(program_q * (2 * bq) + w * bq, window, st, bq, bk)
     start, stop = _union(key_blocks(0), key_blocks(1))
 
     @pl.when(wg < 2)
@@ -476,7 +455,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
         _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, lax.div(head, group), start, stop, bk, stages)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scratch, *, st: _Static, windows,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scratch, *, st: Geometry, windows,
                 group: int, config: MosaicConfig):
     (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), rings, key_ready = scratch
     q_ring, do_ring, lse_ring, delta_ring = rings
@@ -586,7 +565,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         lax.fori_loop(0, group, head_step, jnp.int32(0))
 
 
-def _backward_calls(q, k, v, do, lse, delta, st: _Static, windows, config: MosaicConfig):
+def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: MosaicConfig):
     batch, q_len_padded, heads, head_dim = q.shape
     kv_len_padded, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -639,7 +618,7 @@ def forward(
 ) -> tuple[Float[Array, "batch q_len heads head_dim"], Float[Array, "batch heads q_len"]]:
     """Output and base-2 log-sum-exp ``[batch, heads, q_len]``; ``softmax_scale`` must be positive."""
     q_len, kv_len = q.shape[1], k.shape[1]
-    st = _Static(q_len, kv_len, q.shape[3], mask.causal, softmax_scale)
+    st = Geometry(q_len, kv_len, q.shape[3], mask.causal, softmax_scale)
     qp = _pad_to(q, 1, 2 * config.block_q)
     kp, vp = (_pad_to(x, 1, config.block_kv) for x in (k, v))
     out, lse = _forward_call(qp, kp, vp, st, tuple(mask.windows), config)
@@ -657,7 +636,7 @@ def backward(
     """dQ, dK, dV from the residuals ``(q, k, v, out, lse)`` of either backend's forward."""
     q, k, v, out, lse = res
     q_len, kv_len = q.shape[1], k.shape[1]
-    st = _Static(q_len, kv_len, q.shape[3], mask.causal, softmax_scale)
+    st = Geometry(q_len, kv_len, q.shape[3], mask.causal, softmax_scale)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     q_multiple = 2 * max(config.block_q_bwd, config.block_kv_bwd)
     qp, dop = (_pad_to(x, 1, q_multiple) for x in (q, do.astype(q.dtype)))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,7 +33,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels._vma import out_struct
-from pallas_kernels.block_ranges import BlockRange, Phase, int_div, kv_block_range, q_block_range
+from pallas_kernels.block_ranges import BlockRange, Geometry, Phase, int_div, kv_block_range, q_block_range
 from pallas_kernels.block_tables import RowPieces, band, block_tables, split_long_rows
 from pallas_kernels.masks import SparseMask, WindowMask
 
@@ -177,28 +176,12 @@ def _kernel_mask(mask: WindowMask | SparseMask) -> _Mask:
 # tile loads/stores.
 
 
-class _Static(NamedTuple):
-    """Trace-time constants every kernel needs."""
-
-    q_len: int
-    kv_len: int
-    head_dim: int
-    causal: bool
-    softmax_scale: float
+class _Static(Geometry):
+    """``Geometry`` with the head size the Triton tiles use (a power of two >= 16)."""
 
     @property
     def head_dim_padded(self) -> int:
         return _pow2_at_least(self.head_dim)
-
-    @property
-    def offset(self) -> int:
-        """Absolute position of query row 0."""
-        return self.kv_len - self.q_len
-
-    @property
-    def qk_scale(self) -> float:
-        """Score scale in the base-2 domain: ``exp(scale * x) == exp2(qk_scale * x)``."""
-        return self.softmax_scale * math.log2(math.e)
 
 
 class _TableRow(NamedTuple):
