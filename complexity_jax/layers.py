@@ -39,6 +39,15 @@ from pallas_kernels._validation import (
 
 Cache = Any
 
+# Logical axes of each projection kernel: q/k/v split their flattened heads x head_dim features over heads (heads
+# major), the output projection its input; the model width is "embed" (see complexity_jax.sharding).
+PROJECTION_AXES = {
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"),
+}
+
 
 class Attention(nn.Module):
     """The shared shell of every form: q/k/v/o projections without bias, GQA, RoPE, dtype handling.
@@ -63,6 +72,9 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     implementation: str = "auto"
     interpret: bool = False
+    # Box the projection kernels with Flax logical axes (``nn.with_logical_partitioning``); off by default so that
+    # ``params["params"]["q_proj"]["kernel"]`` stays a plain array. complexity_jax.sharding works with either.
+    logical_partitioning: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -70,7 +82,8 @@ class Attention(nn.Module):
 
     def validate(self) -> None:
         check_positive(hidden_size=self.hidden_size, num_heads=self.num_heads)
-        check_bool(causal=self.causal, use_rope=self.use_rope, interpret=self.interpret)
+        check_bool(causal=self.causal, use_rope=self.use_rope, interpret=self.interpret,
+                   logical_partitioning=self.logical_partitioning)
         if self.num_kv_heads is not None:
             check_positive(num_kv_heads=self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:
@@ -138,15 +151,16 @@ class Attention(nn.Module):
         dtype = x.dtype if self.dtype is None else self.dtype
         b, s, _ = x.shape
         h, kvh, d = self.num_heads, self.kv_heads, self.kv_dim_per_head
-        # Logical axes (``nn.with_logical_partitioning``): projections split over heads ("heads", the flattened
-        # heads x head_dim features, heads major), the model width stays "embed"; see complexity_jax.sharding.
-        dense = lambda features, name, axes: nn.Dense(
-            features, use_bias=False, dtype=dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, axes),
-        )
-        q = dense(h * d, "q_proj", ("embed", "heads"))(x).reshape(b, s, h, d)
-        k = dense(kvh * d, "k_proj", ("embed", "kv_heads"))(x).reshape(b, s, kvh, d)
-        v = dense(kvh * d, "v_proj", ("embed", "kv_heads"))(x).reshape(b, s, kvh, d)
+        def dense(features: int, name: str) -> nn.Dense:
+            init = nn.linear.default_kernel_init
+            if self.logical_partitioning:
+                init = nn.with_logical_partitioning(init, PROJECTION_AXES[name])
+            return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=self.param_dtype, name=name,
+                            kernel_init=init)
+
+        q = dense(h * d, "q_proj")(x).reshape(b, s, h, d)
+        k = dense(kvh * d, "k_proj")(x).reshape(b, s, kvh, d)
+        v = dense(kvh * d, "v_proj")(x).reshape(b, s, kvh, d)
         if self.use_rope:
             start = 0 if cache is None else cache.length
             positions = start + jnp.arange(s, dtype=jnp.int32)
@@ -156,7 +170,7 @@ class Attention(nn.Module):
             out, new_cache = self.prefill(q, k, v)
         else:
             out, new_cache = self.continue_cache(cache, q, k, v)
-        out = dense(self.hidden_size, "o_proj", ("heads", "embed"))(out.reshape(b, s, h * d))
+        out = dense(self.hidden_size, "o_proj")(out.reshape(b, s, h * d))
         return out, new_cache
 
     def prefill(self, q, k, v) -> tuple[Array, Cache]:

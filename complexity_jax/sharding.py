@@ -1,7 +1,8 @@
 """Sharding the layers over a mesh: data parallel over the batch, tensor parallel over the heads.
 
-The layers' projection kernels carry Flax logical axes (``nn.with_logical_partitioning``): q/k/v projections
-``("embed", "heads" | "kv_heads")``, the output projection ``("heads", "embed")``. ``LOGICAL_AXIS_RULES`` maps them
+The layers' projection kernels have Flax logical axes (``layers.PROJECTION_AXES``, boxed into the parameters with
+``logical_partitioning=True``): q/k/v projections ``("embed", "heads" | "kv_heads")``, the output projection
+``("heads", "embed")``. ``LOGICAL_AXIS_RULES`` maps them
 onto a mesh with axes ``"data"`` and ``"model"``: batch over ``"data"``, heads over ``"model"``, the model width
 whole. Under ``jax.jit`` with inputs and parameters placed this way the attention kernels run each device's batch
 rows and heads locally (``pallas_kernels._partitioning``); the only collectives are those of the output projection
@@ -17,6 +18,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from complexity_jax.layers import PROJECTION_AXES
+
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("heads", "model"),
@@ -25,9 +28,22 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def logical_specs(params: Any) -> Any:
+    """The logical ``PartitionSpec`` of every parameter: from the boxes of ``logical_partitioning=True`` layers, else
+    from the projection names (``layers.PROJECTION_AXES``; anything else replicated)."""
+
+    def spec(path, leaf) -> P:
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return P(*leaf.names)
+        names = [getattr(key, "key", None) for key in path]
+        return next((P(*PROJECTION_AXES[n]) for n in reversed(names) if n in PROJECTION_AXES), P())
+
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
 def param_shardings(params: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
-    """``NamedSharding`` of every parameter of ``params`` (as returned by ``init``, logical axes boxed)."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(params), mesh, rules)
+    """``NamedSharding`` of every parameter of ``params`` (as returned by ``init``, boxed or not), unboxed."""
+    return nn.logical_to_mesh_sharding(logical_specs(params), mesh, rules)
 
 
 def cache_shardings(cache: Any, mesh: Mesh, batch_axis: str | None = "data", head_axis: str | None = "model") -> Any:
@@ -51,4 +67,4 @@ def cache_shardings(cache: Any, mesh: Mesh, batch_axis: str | None = "data", hea
     return jax.tree_util.tree_map_with_path(sharding, cache)
 
 
-__all__ = ["LOGICAL_AXIS_RULES", "cache_shardings", "param_shardings"]
+__all__ = ["LOGICAL_AXIS_RULES", "cache_shardings", "logical_specs", "param_shardings"]

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from complexity_jax import CUDA
-from complexity_jax.sharding import cache_shardings, param_shardings
+from complexity_jax.sharding import cache_shardings, logical_specs, param_shardings
 from tests.conftest import relerr
 
 
@@ -33,9 +33,13 @@ LAYERS = {
 }
 
 
-def test_parameters_carry_logical_axes(mesh):
-    params = LAYERS["flash"](implementation="xla").init(jax.random.key(0), jnp.zeros((2, 8, 128)))
-    specs = nn.get_partition_spec(params)["params"]
+@pytest.mark.parametrize("boxed", [False, True])
+def test_parameters_have_logical_axes(mesh, boxed):
+    layer = LAYERS["flash"](implementation="xla", logical_partitioning=boxed)
+    params = layer.init(jax.random.key(0), jnp.zeros((2, 8, 128)))
+    kernel = params["params"]["q_proj"]["kernel"]
+    assert isinstance(kernel, nn.LogicallyPartitioned) == boxed
+    specs = nn.get_partition_spec(params)["params"] if boxed else logical_specs(params)["params"]
     assert specs["q_proj"]["kernel"] == P("embed", "heads")
     assert specs["k_proj"]["kernel"] == P("embed", "kv_heads")
     assert specs["o_proj"]["kernel"] == P("heads", "embed")
@@ -51,7 +55,7 @@ def test_data_and_tensor_parallel_training_step_equals_unsharded(mesh, form):
     want_loss, want_grads = jax.value_and_grad(loss)(nn.unbox(params), x)
 
     shardings = param_shardings(params, mesh)
-    sharded_params = jax.device_put(nn.unbox(params), nn.unbox(shardings))
+    sharded_params = jax.device_put(nn.unbox(params), shardings)
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(sharded_params, xs)
     assert abs(float(got_loss) - float(want_loss)) < 1e-5 * abs(float(want_loss))
