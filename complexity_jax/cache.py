@@ -53,9 +53,10 @@ class KVCache:
     @classmethod
     def zeros(cls, batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype, growable: bool):
         shape = (batch, capacity, num_kv_heads, head_dim)
-        # A concrete (numpy) zero length, also under jit: a prefill's own first write is not a continuation.
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), np.zeros((), np.int32),
-                   jnp.zeros((), jnp.bool_), growable)
+        # A growable cache is made by a prefill, which writes it at once: its length is a concrete (numpy) zero, also
+        # under jit, so that first write is not taken for a traced continuation. A preallocated one holds arrays.
+        length = np.zeros((), np.int32) if growable else jnp.zeros((), jnp.int32)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), length, jnp.zeros((), jnp.bool_), growable)
 
     @property
     def capacity(self) -> int:

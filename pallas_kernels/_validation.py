@@ -102,13 +102,13 @@ def softmax_scale_or_default(softmax_scale: Any, head_dim: int) -> float:
 def check_float_dtype(name: str, dtype: Any) -> jnp.dtype:
     """A computation dtype (layers' ``dtype``, ``param_dtype``, ``init_cache``'s ``dtype``): one of ``FLOAT_DTYPES``."""
     try:
-        resolved = jnp.dtype(dtype)
+        resolved = None if dtype is None else jnp.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating-point dtype ({_dtype_names(FLOAT_DTYPES)}), got {getattr(resolved, 'name', dtype)!r}"
-        )
+    # ``np.dtype(...) == None`` is true (None reads as float64), hence the explicit test.
+    if resolved is None or resolved not in FLOAT_DTYPES:
+        got = dtype if resolved is None else resolved.name
+        raise TypeError(f"{name} must be a floating-point dtype ({_dtype_names(FLOAT_DTYPES)}), got {got!r}")
     return resolved
 
 

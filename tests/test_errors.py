@@ -141,6 +141,7 @@ def test_traced_static_arguments_are_named():
         ("flash", dict(rope_theta=float("inf")), ValueError, "rope_theta must be a finite number > 0"),
         ("flash", dict(dtype=jnp.int32), TypeError, "dtype must be a floating-point dtype.*'int32'"),
         ("flash", dict(param_dtype="complex64"), TypeError, "param_dtype must be a floating-point dtype"),
+        ("flash", dict(param_dtype=None), TypeError, "param_dtype must be a floating-point dtype.*got None"),
         ("sliding_window", dict(window_size=4.0), TypeError, "window_size must be an int, got 4.0"),
         ("sparse", dict(seed=-1), ValueError, "seed must be a non-negative int, got -1"),
         ("multiscale", dict(window_sizes=(4, 2.0)), TypeError, r"window_sizes\[1\] must be an int"),
