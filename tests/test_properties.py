@@ -3,7 +3,7 @@
 Each op is compared with the float64 references of ``tests/naive.py`` (written from the definitions, independently of
 ``pallas_kernels.reference``): many draws on the XLA path, fewer through the Pallas kernels in interpret mode.
 
-Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (default; derandomized, 8 examples per XLA property and 3 per kernel property,
+Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (default; derandomized, 8 examples per XLA property, 3 per kernel or layer property,
 about two CPU-minutes) and ``long`` (hundreds of random examples, for local runs: ``HYPOTHESIS_PROFILE=long pytest
 tests/test_properties.py``).
 """
@@ -200,7 +200,7 @@ FORMS = {
 }
 
 
-@settings(max_examples=max(5, settings.default.max_examples // 2))
+@settings(max_examples=max(3, settings.default.max_examples // 3))
 @given(form=st.sampled_from(list(FORMS)), kv_heads=st.sampled_from([1, 2, 4]),
        cuts=st.sets(st.integers(1, 10), max_size=4), preallocate=st.booleans())
 def test_layer_continuation_equals_the_whole_sequence(form, kv_heads, cuts, preallocate):
