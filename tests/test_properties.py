@@ -3,9 +3,9 @@
 Each op is compared with the float64 references of ``tests/naive.py`` (written from the definitions, independently of
 ``pallas_kernels.reference``): many draws on the XLA path, fewer through the Pallas kernels in interpret mode.
 
-Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (default; derandomized, 8 examples per XLA property, 3 per kernel or layer property,
-about two CPU-minutes) and ``long`` (hundreds of random examples, for local runs: ``HYPOTHESIS_PROFILE=long pytest
-tests/test_properties.py``).
+Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (default; derandomized, 8 examples per XLA property, 3 per kernel or
+layer property, about two CPU-minutes) and ``long`` (hundreds of random examples, for local runs:
+``HYPOTHESIS_PROFILE=long pytest tests/test_properties.py``).
 """
 
 from __future__ import annotations
