@@ -35,7 +35,7 @@ from pallas_kernels._validation import check_attention_inputs, check_window
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.masks import WindowMask
 from pallas_kernels.reference import FEATURE_MAPS, LinearState
-from pallas_kernels.softmax_attention import _window_kernels, flash_attention
+from pallas_kernels.softmax_attention import _backward_backend, _window_kernels, flash_attention
 
 
 class _BlockKernels(NamedTuple):
@@ -53,9 +53,6 @@ def _block_kernels(q: Array, k: Array, v: Array, softmax_scale: float, implement
     backend = choose_backend(implementation, "context_parallel_attention",
                              _window_kernels(q, k, mask, interpret, None))
     if backend == "xla":
-        if softmax_scale == 0:
-            q, softmax_scale = q * 0, 1.0
-
         def visible(q_len, kv_len, block_mask):
             q_pos, k_pos = reference.causal_positions(q_len, kv_len)
             return block_mask.visible(q_pos, k_pos)[None]
@@ -66,7 +63,7 @@ def _block_kernels(q: Array, k: Array, v: Array, softmax_scale: float, implement
             lambda m, res, do: reference.softmax_backward_from_lse(
                 *res, do, visible(res[0].shape[1], res[1].shape[1], m), softmax_scale),
         )
-    backward = backend if backend == "triton" or q.shape[3] <= 128 else "triton"
+    backward = _backward_backend(backend, q, k, mask)
     q, plan = _softmax_kernels.prepare(
         q, k, v, _softmax_kernels.Plan(mask, softmax_scale, backend, backward, interpret=interpret))
 

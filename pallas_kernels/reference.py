@@ -33,24 +33,7 @@ def softmax_attention(
     reaches no output and no gradient; scores are masked with ``where``, so a non-finite key reaches no query that
     does not see it.
     """
-    b, sq, h, d = q.shape
-    sk, kvh = k.shape[1], k.shape[2]
-    group = h // kvh
-    acc = _accumulation_dtype(q.dtype)
-    mask = visible.reshape(visible.shape[0], kvh, group, sq, sk)
-    seen = jnp.any(mask, axis=(2, 3)).transpose(0, 2, 1)[..., None]  # [#b, sk, kvh, 1]
-    k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
-    q_grouped = q.reshape(b, sq, kvh, group, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=acc)
-    logits = logits * softmax_scale
-    logits = jnp.where(mask, logits, -jnp.inf)
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(logits - row_max)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(total == 0, 1.0, total)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(acc))
-    return out.reshape(b, sq, h, d).astype(q.dtype)
+    return softmax_forward_with_lse(q, k, v, visible, softmax_scale)[0]
 
 
 def softmax_forward_with_lse(
@@ -60,19 +43,22 @@ def softmax_forward_with_lse(
     visible: Bool[Array, "#b h sq sk"],
     softmax_scale: float,
 ) -> tuple[Float[Array, "b sq h d"], Float[Array, "b h sq"]]:
-    """Output (``q.dtype``) and base-2 log-sum-exp ``[b, h, sq]`` (``+inf`` on rows that see no key): the kernels'
-    forward contract, densely (the XLA backend of ``context_parallel_attention``)."""
+    """``softmax_attention`` and the base-2 log-sum-exp ``[b, h, sq]`` (``+inf`` on rows that see no key): the
+    kernels' forward contract, densely (the XLA backend of ``context_parallel_attention``)."""
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     acc = _accumulation_dtype(q.dtype)
-    logits = _grouped_logits(q, k, acc) * softmax_scale
-    logits = jnp.where(visible.reshape(visible.shape[0], kvh, h // kvh, sq, sk), logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    mask = visible.reshape(visible.shape[0], kvh, h // kvh, sq, sk)
+    seen = jnp.any(mask, axis=(2, 3)).transpose(0, 2, 1)[..., None]  # [#b, sk, kvh, 1]
+    k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
+    logits = jnp.where(mask, _grouped_logits(q, k, acc) * softmax_scale, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     weights = jnp.exp(logits - row_max)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights / jnp.where(total == 0, 1.0, total), v.astype(acc))
-    lse = jnp.where(total == 0, jnp.inf, (row_max + jnp.log(jnp.where(total == 0, 1.0, total))) * _LOG2E)
+    total_or_one = jnp.where(total == 0, 1.0, total)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights / total_or_one, v.astype(acc))
+    lse = jnp.where(total == 0, jnp.inf, (row_max + jnp.log(total_or_one)) * _LOG2E)
     return out.reshape(b, sq, h, d).astype(q.dtype), lse.reshape(b, h, sq)
 
 

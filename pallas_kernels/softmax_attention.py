@@ -64,11 +64,9 @@ def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, i
         if backend == "xla":
             q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
             return reference.softmax_attention(q, k, v, mask.visible(q_pos, k_pos)[None], scale)
-        backward = backend
-        if backend == "mosaic" and mosaic_softmax.unsupported_reason(q, k, mask, backward=True) is not None:
-            backward = "triton"  # head_dim 256: the Mosaic backward's tiles do not fit in shared memory
         plan = _softmax_kernels.Plan(
-            mask, scale, forward_backend=backend, backward_backend=backward, interpret=interpret,
+            mask, scale, forward_backend=backend, backward_backend=_backward_backend(backend, q, k, mask),
+            interpret=interpret,
             triton_config=kernel_config if isinstance(kernel_config, KernelConfig) else None,
             mosaic_config=kernel_config if isinstance(kernel_config, MosaicConfig) else None,
         )
@@ -87,6 +85,14 @@ def _on_local_heads(run, mask: WindowMask | SparseMask, head_axis_name: str | No
     if head_axis_name is None:
         return run(mask)
     return per_head_shard(run, mask, lax.axis_index(head_axis_name), lax.axis_size(head_axis_name))
+
+
+def _backward_backend(forward_backend: str, q, k, mask: WindowMask) -> str:
+    """The backward of the forward's backend where it serves, else Triton's (head_dim 256: the Mosaic backward's
+    tiles do not fit in shared memory; the residuals are the same)."""
+    if forward_backend == "mosaic" and mosaic_softmax.unsupported_reason(q, k, mask, backward=True) is not None:
+        return "triton"
+    return forward_backend
 
 
 def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config) -> dict[str, str | None]:
