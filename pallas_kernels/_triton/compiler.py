@@ -1,7 +1,7 @@
-"""The one seam between our kernels and a Pallas GPU lowering.
+"""Launch settings of the Triton kernels: every ``pallas_call`` here builds its ``compiler_params`` through this module.
 
-Every kernel builds its ``compiler_params`` here, so that a Mosaic GPU backend can be added beside the
-Triton lowering without touching the kernels' callers.
+The choice between the Triton and Mosaic GPU backends is made above the kernels (``_dispatch.py``,
+``_softmax_kernels.py``).
 """
 
 from __future__ import annotations
