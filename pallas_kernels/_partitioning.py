@@ -132,8 +132,12 @@ def per_head_shard(run: Callable[[Any], Any], mask: Any, shard: Any, num_shards:
 
 def wanted() -> bool:
     """Whether a kernel call should be wrapped: several devices, and not already inside ``shard_map`` (whose body
-    sees its local blocks already)."""
-    return jax.device_count() > 1 and not jax.sharding.get_abstract_mesh().manual_axes
+    sees its local blocks already) nor under a one-device context mesh (such as the abstract mesh of a lowering for a
+    GPU the host does not have, where ``custom_partitioning`` cannot lower)."""
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and (context.manual_axes or context.size == 1):
+        return False
+    return jax.device_count() > 1
 
 
 __all__ = ["partitioned", "per_head_shard", "wanted"]
