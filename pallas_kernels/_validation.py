@@ -164,3 +164,51 @@ def check_attention_inputs(q: Any, k: Any, v: Any, *, causal: bool) -> tuple[int
             " of the key sequence"
         )
     return num_heads, num_kv_heads
+
+
+def _concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_segment_ids(name: str, ids: Any, batch: int, length: int) -> jax.Array:
+    """Segment ids: an integer ``[batch, length]`` array of non-negative ids (checked where concrete); as int32."""
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
+    if ids.shape != (batch, length):
+        raise ValueError(f"{name} must have shape [batch, seq] = ({batch}, {length}), got {ids.shape}")
+    if _concrete(ids) and ids.size and int(np.asarray(ids).min()) < 0:
+        raise ValueError(f"{name} must hold non-negative ids, got a minimum of {int(np.asarray(ids).min())}")
+    return ids.astype(jnp.int32)
+
+
+def check_seq_lengths(name: str, lengths: Any, batch: int, length: int, length_name: str = "seq_len") -> jax.Array:
+    """Sequence lengths: an integer ``[batch]`` array with values in ``[0, length]`` (checked where concrete; traced
+    values cannot be, and values outside that range give unspecified outputs)."""
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape [batch] = ({batch},), got {lengths.shape}")
+    if _concrete(lengths):
+        values = np.asarray(lengths)
+        if values.min() < 0 or values.max() > length:
+            raise ValueError(f"{name} must lie in [0, {length_name}={length}], got {values.tolist()}")
+    return lengths.astype(jnp.int32)
+
+
+def logits_soft_cap_or_none(value: Any) -> float | None:
+    """``logits_soft_cap``: None or a finite number > 0."""
+    return None if value is None else positive_real("logits_soft_cap", value)
+
+
+def check_sinks(sinks: Any, num_heads: int) -> jax.Array | None:
+    """``sinks``: None or a floating ``[num_heads]`` array (one logit per query head)."""
+    if sinks is None:
+        return None
+    sinks = jnp.asarray(sinks)
+    if not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise TypeError(f"sinks must be a floating-point array, got dtype {sinks.dtype}")
+    if sinks.shape != (num_heads,):
+        raise ValueError(f"sinks must have shape [num_heads] = ({num_heads},), got {sinks.shape}")
+    return sinks

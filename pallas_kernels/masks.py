@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +54,64 @@ class WindowMask:
         else:
             seen = jnp.abs(distance) < window
         return seen & (k_pos >= 0)
+
+
+class Segments(NamedTuple):
+    """Packed sequences and padding of one call, as per-position segment ids: query row ``r`` of batch row ``b`` sees
+    key ``j`` only if ``q[b, r] == kv[b, j]`` (besides the form's own mask).
+
+    User ids are non-negative; ``segments`` folds the sequence lengths in by giving padding queries ``PAD_QUERY`` and
+    padding keys ``PAD_KEY``, which match nothing, so one rule serves packing and padding.
+    """
+
+    q: Int[Array, "b sq"]
+    kv: Int[Array, "b sk"]
+
+    def visible(self) -> Bool[Array, "b 1 sq sk"]:
+        return (self.q[:, :, None] == self.kv[:, None, :])[:, None]
+
+
+PAD_QUERY = -1
+PAD_KEY = -2
+
+
+def segments(
+    q_segment_ids: Int[Array, "b sq"] | None,
+    kv_segment_ids: Int[Array, "b sk"] | None,
+    query_seq_lengths: Int[Array, "b"] | None,
+    key_value_seq_lengths: Int[Array, "b"] | None,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+) -> Segments | None:
+    """The ``Segments`` of the ops' packing/padding arguments (checked here), ``None`` when none is given.
+
+    ``kv_segment_ids`` defaults to ``q_segment_ids`` when ``q_len == kv_len``; rows at or past a length get the
+    padding ids.
+    """
+    from pallas_kernels._validation import check_segment_ids, check_seq_lengths
+
+    if q_segment_ids is None and kv_segment_ids is None and query_seq_lengths is None and key_value_seq_lengths is None:
+        return None
+    if (q_segment_ids is None) != (kv_segment_ids is None) and (q_segment_ids is None or q_len != kv_len):
+        raise ValueError(
+            "q_segment_ids and kv_segment_ids must be given together unless q_len == kv_len (kv_segment_ids then"
+            f" defaults to q_segment_ids); got q_segment_ids={'None' if q_segment_ids is None else 'an array'},"
+            f" kv_segment_ids={'None' if kv_segment_ids is None else 'an array'}, q_len={q_len}, kv_len={kv_len}"
+        )
+    if q_segment_ids is None:
+        q_ids, kv_ids = jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32)
+    else:
+        q_ids = check_segment_ids("q_segment_ids", q_segment_ids, batch, q_len)
+        kv_ids = q_ids if kv_segment_ids is None else check_segment_ids("kv_segment_ids", kv_segment_ids, batch,
+                                                                       kv_len)
+    if query_seq_lengths is not None:
+        lengths = check_seq_lengths("query_seq_lengths", query_seq_lengths, batch, q_len)
+        q_ids = jnp.where(jnp.arange(q_len, dtype=jnp.int32) < lengths[:, None], q_ids, PAD_QUERY)
+    if key_value_seq_lengths is not None:
+        lengths = check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch, kv_len)
+        kv_ids = jnp.where(jnp.arange(kv_len, dtype=jnp.int32) < lengths[:, None], kv_ids, PAD_KEY)
+    return Segments(q_ids, kv_ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ backends chosen by ``implementation``: the Pallas kernels or the pure-JAX refere
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +29,33 @@ from pallas_kernels._validation import (
     check_attention_inputs,
     check_bool,
     check_sparse_config,
+    check_seq_lengths,
+    check_sinks,
     check_window,
     kernel_dtype_reason,
+    logits_soft_cap_or_none,
     softmax_scale_or_default,
 )
-from pallas_kernels.masks import SparseMask, WindowMask
+from pallas_kernels.masks import Segments, SparseMask, WindowMask, segments
+
+
+_OPTIONS_DOC = """
+    Packing and padding (keyword-only, ``None`` by default): ``q_segment_ids [b, sq]`` / ``kv_segment_ids [b, sk]``,
+    non-negative integer ids of contiguous runs (``kv_segment_ids`` defaults to ``q_segment_ids`` when the lengths
+    agree): query ``i`` sees key ``j`` only if their ids are equal, besides the form's own mask, so a packed row
+    equals each segment run alone. ``query_seq_lengths`` / ``key_value_seq_lengths [b]``: keys at ``j >= kv
+    length`` are invisible; query rows at ``i >= q length`` output zeros and pass zero gradient. The Pallas kernels
+    skip the tiles that no query of a tile can see because of segments or lengths.
+    ``logits_soft_cap``: scaled scores become ``cap * tanh(s / cap)`` before masking (Gemma 2). ``sinks [heads]``: one
+    logit per query head for a key every query sees and whose value is zero (gpt-oss),
+    ``out_i = sum_j e^{s_ij} v_j / (e^{sink_h} + sum_j e^{s_ij})``; differentiable. These options run on the Triton
+    kernels (``"auto"`` picks them over Mosaic GPU) or XLA."""
+
+
+def _documents_options(op):
+    """Appends ``_OPTIONS_DOC`` to the docstring of an op that takes those options."""
+    op.__doc__ = op.__doc__.rstrip() + "\n" + _OPTIONS_DOC + "\n    "
+    return op
 
 
 def _per_head_windows(name: str, windows: int | None | Sequence[int | None], num_heads: int):
@@ -51,26 +74,57 @@ def _per_head_windows(name: str, windows: int | None | Sequence[int | None], num
     return tuple(check_window(f"{name}[{h}]", w) for h, w in enumerate(windows))
 
 
+class _Options(NamedTuple):
+    """The optional parts of a softmax call's scores: packing/padding, soft-cap and sinks (checked)."""
+
+    segments: Segments | None
+    logits_soft_cap: float | None
+    sinks: Float[Array, " heads"] | None
+
+    def unsupported_by_mosaic(self) -> str | None:
+        used = [name for name, on in (("segment ids / sequence lengths", self.segments is not None),
+                                      ("logits_soft_cap", self.logits_soft_cap is not None),
+                                      ("sinks", self.sinks is not None)) if on]
+        return f"the Mosaic GPU kernels do not take {', '.join(used)} yet" if used else None
+
+    def xla(self, q, k, v, visible, scale):
+        """The XLA path under ``visible`` (the form's own mask) and these options."""
+        if self.segments is not None:
+            visible = visible & self.segments.visible()
+        return reference.softmax_attention(q, k, v, visible, scale, self.logits_soft_cap, self.sinks)
+
+
+def _options(q, k, q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths, logits_soft_cap,
+             sinks) -> _Options:
+    batch, q_len, num_heads, _ = q.shape
+    return _Options(
+        segments(q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths, batch, q_len, k.shape[1]),
+        logits_soft_cap_or_none(logits_soft_cap),
+        check_sinks(sinks, num_heads),
+    )
+
+
 def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
-                      op_name, head_axis_name=None):
-    check_attention_inputs(q, k, v, causal=causal)
-    check_bool(interpret=interpret)
+                      op_name, options: _Options, head_axis_name=None):
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     if kernel_config is not None and not isinstance(kernel_config, (KernelConfig, MosaicConfig)):
         raise TypeError(f"kernel_config must be a KernelConfig (Triton) or a MosaicConfig, got {kernel_config!r}")
 
     def run(mask: WindowMask):
-        backend = choose_backend(implementation, op_name, _window_kernels(q, k, mask, interpret, kernel_config))
+        kernels = _window_kernels(q, k, mask, interpret, kernel_config, options)
+        backend = choose_backend(implementation, op_name, kernels)
         if backend == "xla":
             q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
-            return reference.softmax_attention(q, k, v, mask.visible(q_pos, k_pos)[None], scale)
+            return options.xla(q, k, v, mask.visible(q_pos, k_pos)[None], scale)
         plan = _softmax_kernels.Plan(
             mask, scale, forward_backend=backend, backward_backend=_backward_backend(backend, q, k, mask),
             interpret=interpret,
             triton_config=kernel_config if isinstance(kernel_config, KernelConfig) else None,
             mosaic_config=kernel_config if isinstance(kernel_config, MosaicConfig) else None,
+            logits_soft_cap=options.logits_soft_cap,
         )
-        return forward_mode_guard(op_name, (q, k, v), lambda: _softmax_kernels.attention(q, k, v, plan))
+        return forward_mode_guard(op_name, (q, k, v), lambda: _softmax_kernels.attention(
+            q, k, v, plan, options.segments, options.sinks))
 
     return _on_local_heads(run, WindowMask(windows, bool(causal)), head_axis_name)
 
@@ -95,10 +149,10 @@ def _backward_backend(forward_backend: str, q, k, mask: WindowMask) -> str:
     return forward_backend
 
 
-def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config) -> dict[str, str | None]:
+def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config, options: _Options) -> dict[str, str | None]:
     """Each Pallas backend: ``None`` if it serves this call, else why not."""
     dtype_reason = kernel_dtype_reason(q, k)
-    mosaic = dtype_reason or mosaic_softmax.unsupported_reason(q, k, mask)
+    mosaic = dtype_reason or mosaic_softmax.unsupported_reason(q, k, mask) or options.unsupported_by_mosaic()
     if interpret:
         mosaic = "interpret=True runs the Triton kernels (JAX 0.11's Mosaic GPU interpreter cannot run wgmma kernels)"
     elif isinstance(kernel_config, KernelConfig):
@@ -107,6 +161,7 @@ def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config) -> d
     return {"mosaic": mosaic, "triton": triton}
 
 
+@_documents_options
 def flash_attention(
     q: Float[Array, "b sq h d"],
     k: Float[Array, "b sk kvh d"],
@@ -118,6 +173,12 @@ def flash_attention(
     implementation: str = "auto",
     interpret: bool = False,
     kernel_config: KernelConfig | MosaicConfig | None = None,
+    q_segment_ids: Int[Array, "b sq"] | None = None,
+    kv_segment_ids: Int[Array, "b sk"] | None = None,
+    query_seq_lengths: Int[Array, " b"] | None = None,
+    key_value_seq_lengths: Int[Array, " b"] | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, " h"] | None = None,
 ) -> Float[Array, "b sq h d"]:
     """Softmax attention; with ``window_size=W`` a sliding window (causal ``0 <= i-j < W``, else ``|i-j| < W``).
 
@@ -128,11 +189,16 @@ def flash_attention(
     ``kernel_config`` overrides the kernels' tiles: a ``KernelConfig`` (Triton: blocks, warps, stages; default a
     per-shape table) or a ``MosaicConfig`` (Mosaic GPU); it also picks that backend under ``"auto"``/``"pallas"``.
     """
-    windows = _per_head_windows("window_size", window_size, q.shape[2] if q.ndim == 4 else 0)
+    check_attention_inputs(q, k, v, causal=causal)
+    check_bool(interpret=interpret)
+    windows = _per_head_windows("window_size", window_size, q.shape[2])
+    options = _options(q, k, q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths,
+                       logits_soft_cap, sinks)
     return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
-                             "flash_attention")
+                             "flash_attention", options)
 
 
+@_documents_options
 def multiscale_attention(
     q: Float[Array, "b sq h d"],
     k: Float[Array, "b sk kvh d"],
@@ -145,23 +211,33 @@ def multiscale_attention(
     interpret: bool = False,
     kernel_config: KernelConfig | MosaicConfig | None = None,
     head_axis_name: str | None = None,
+    q_segment_ids: Int[Array, "b sq"] | None = None,
+    kv_segment_ids: Int[Array, "b sk"] | None = None,
+    query_seq_lengths: Int[Array, " b"] | None = None,
+    key_value_seq_lengths: Int[Array, " b"] | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, " h"] | None = None,
 ) -> Float[Array, "b sq h d"]:
     """Softmax attention where query head ``h`` sees a window of ``window_sizes[h]`` (``None``: every key).
 
     All heads run in one kernel launch; ``kernel_config`` as in ``flash_attention``. Inside ``shard_map`` with the
     heads split over the mesh axis ``head_axis_name``, ``window_sizes`` lists every global head and each device
-    applies the windows of the heads it holds (contiguous, in axis order).
+    applies the windows of the heads it holds (contiguous, in axis order); ``sinks`` are those of the local heads.
     """
+    check_attention_inputs(q, k, v, causal=causal)
+    check_bool(interpret=interpret)
     if window_sizes is None or np.ndim(window_sizes) == 0:
         raise TypeError(
             f"window_sizes must be a sequence with one int or None per query head, got {window_sizes!r}"
         )
-    num_heads = (q.shape[2] if q.ndim == 4 else 0) * _head_shards(head_axis_name)
-    windows = _per_head_windows("window_sizes", window_sizes, num_heads)
+    windows = _per_head_windows("window_sizes", window_sizes, q.shape[2] * _head_shards(head_axis_name))
+    options = _options(q, k, q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths,
+                       logits_soft_cap, sinks)
     return _window_attention(q, k, v, windows, causal, softmax_scale, implementation, interpret, kernel_config,
-                             "multiscale_attention", head_axis_name)
+                             "multiscale_attention", options, head_axis_name)
 
 
+@_documents_options
 def sparse_attention(
     q: Float[Array, "b sq h d"],
     k: Float[Array, "b sk kvh d"],
@@ -178,13 +254,21 @@ def sparse_attention(
     interpret: bool = False,
     kernel_config: KernelConfig | None = None,
     head_axis_name: str | None = None,
+    q_segment_ids: Int[Array, "b sq"] | None = None,
+    kv_segment_ids: Int[Array, "b sk"] | None = None,
+    query_seq_lengths: Int[Array, " b"] | None = None,
+    key_value_seq_lengths: Int[Array, " b"] | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, " h"] | None = None,
 ) -> Float[Array, "b sq h d"]:
     """BigBird/Longformer block-sparse softmax attention under ``masks.sparse_mask``.
 
     Queries are the last ``q_len <= kv_len`` positions. The Pallas kernel visits only the tiles holding a visible
     element (static block tables); ``kernel_config`` as in ``flash_attention`` (default: a per-shape table with
     tiles no larger than ``block_size`` where that is a power of two >= 16). Inside ``shard_map`` with the heads
-    split over ``head_axis_name``, each device draws the random blocks of the global heads it holds.
+    split over ``head_axis_name``, each device draws the random blocks of the global heads it holds. With segment ids
+    the BigBird mask stays on absolute positions (blocks, global tokens and random blocks of the packed row),
+    intersected with the segments; the kernels visit the same tiles as without them.
     """
     num_heads, _ = check_attention_inputs(q, k, v, causal=causal)
     num_heads *= _head_shards(head_axis_name)
@@ -200,16 +284,19 @@ def sparse_attention(
             " positions of the key sequence"
         )
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    options = _options(q, k, q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths,
+                       logits_soft_cap, sinks)
     pallas = use_pallas(implementation, "sparse_attention", kernel_dtype_reason(q, k))
 
     def run(mask: SparseMask):
         if pallas:
-            plan = _softmax_kernels.Plan(mask, scale, triton_config=kernel_config, interpret=interpret)
-            return forward_mode_guard("sparse_attention", (q, k, v),
-                                      lambda: _softmax_kernels.attention(q, k, v, plan))
+            plan = _softmax_kernels.Plan(mask, scale, triton_config=kernel_config, interpret=interpret,
+                                         logits_soft_cap=options.logits_soft_cap)
+            return forward_mode_guard("sparse_attention", (q, k, v), lambda: _softmax_kernels.attention(
+                q, k, v, plan, options.segments, options.sinks))
         q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
         visible = mask.visible(q_pos, k_pos, -(-k.shape[1] // block_size))[None]
-        return reference.softmax_attention(q, k, v, visible, scale)
+        return options.xla(q, k, v, visible, scale)
 
     return _on_local_heads(run, config, head_axis_name)
 
@@ -226,13 +313,18 @@ def attention_at_positions(
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, " h"] | None = None,
 ) -> Float[Array, "b t h d"]:
     """Softmax attention of queries at absolute positions ``q_pos`` over keys at ``k_pos`` (-1: empty slot).
 
     The general form behind the caches (ring buffers store keys out of order). ``num_blocks`` is
     needed by a ``SparseMask``: a static bound on the query blocks, ``max(q_pos) // block_size < num_blocks``.
+    ``logits_soft_cap`` and ``sinks`` as in ``flash_attention``.
     """
     check_attention_inputs(q, k, v, causal=False)
+    logits_soft_cap = logits_soft_cap_or_none(logits_soft_cap)
+    sinks = check_sinks(sinks, q.shape[2])
     if use_pallas(implementation, "attention_at_positions", "it has no Pallas kernel"):
         raise AssertionError("unreachable: no Pallas kernel is registered")
     if isinstance(mask, SparseMask):
@@ -241,7 +333,8 @@ def attention_at_positions(
         visible = mask.visible(q_pos, k_pos, num_blocks)
     else:
         visible = mask.visible(q_pos, k_pos)
-    return reference.softmax_attention(q, k, v, visible, softmax_scale_or_default(softmax_scale, q.shape[-1]))
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    return reference.softmax_attention(q, k, v, visible, scale, logits_soft_cap, sinks)
 
 
 def decode_attention(
@@ -255,6 +348,8 @@ def decode_attention(
     implementation: str = "auto",
     interpret: bool = False,
     kernel_config: triton_decode.DecodeConfig | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, " h"] | None = None,
 ) -> Float[Array, "b t h d"]:
     """Causal attention of ``t`` new queries against a preallocated cache.
 
@@ -267,39 +362,26 @@ def decode_attention(
 
     The Pallas kernel (split-K flash-decoding) is forward only: under ``"auto"`` ``jax.grad`` differentiates
     the XLA path, under ``"pallas"`` it raises ``NotImplementedError``. ``kernel_config`` overrides its block
-    size, number of key splits and launch settings (default: a heuristic).
+    size, number of key splits and launch settings (default: a heuristic). ``logits_soft_cap`` and ``sinks`` as in
+    ``flash_attention``.
     """
     num_heads, _ = check_attention_inputs(q, k_cache, v_cache, causal=False)
     check_bool(interpret=interpret)
-    lengths = _checked_lengths(lengths, q.shape[0], k_cache.shape[1])
+    lengths = check_seq_lengths("lengths", lengths, q.shape[0], k_cache.shape[1], "capacity")
     windows = _per_head_windows("window_size", window_size, num_heads)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    logits_soft_cap = logits_soft_cap_or_none(logits_soft_cap)
+    sinks = check_sinks(sinks, num_heads)
     if kernel_config is not None and not isinstance(kernel_config, triton_decode.DecodeConfig):
         raise TypeError(f"kernel_config must be a DecodeConfig or None, got {kernel_config!r}")
     if use_pallas(implementation, "decode_attention", kernel_dtype_reason(q, k_cache)):
         return forward_mode_guard("decode_attention", (q, k_cache, v_cache), lambda: triton_decode.decode_attention(
             q, k_cache, v_cache, lengths, windows=windows, softmax_scale=scale, interpret=interpret,
-            config=kernel_config, xla_backward=implementation == "auto",
+            config=kernel_config, xla_backward=implementation == "auto", logits_soft_cap=logits_soft_cap,
+            sinks=sinks,
         ))
     q_pos, k_pos = reference.cache_positions(lengths, q.shape[1], k_cache.shape[1])
     return attention_at_positions(
         q, k_cache, v_cache, q_pos, k_pos, WindowMask(windows, causal=True),
-        softmax_scale=scale, implementation="xla",
+        softmax_scale=scale, implementation="xla", logits_soft_cap=logits_soft_cap, sinks=sinks,
     )
-
-
-def _checked_lengths(lengths: Int[Array, "b"], batch: int, capacity: int) -> Int[Array, "b"]:
-    """``lengths`` as an int32 ``[batch]`` array, its values checked against ``[0, capacity]`` where concrete."""
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
-    if lengths.shape != (batch,):
-        raise ValueError(f"lengths must have shape [batch] = ({batch},), got {lengths.shape}")
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        if values.min() < 0 or values.max() > capacity:
-            raise ValueError(
-                f"lengths must lie in [0, capacity={capacity}] (filled cache slots, new tokens included),"
-                f" got {values.tolist()}"
-            )
-    return lengths.astype(jnp.int32)
