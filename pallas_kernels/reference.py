@@ -25,15 +25,19 @@ def softmax_attention(
     v: Float[Array, "b sk kvh d"],
     visible: Bool[Array, "#b h sq sk"],
     softmax_scale: float,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, "h"] | None = None,
 ) -> Float[Array, "b sq h d"]:
     """Softmax attention under an explicit mask; query head ``h`` reads key/value head ``h // group``.
 
+    ``logits_soft_cap``: scaled scores become ``cap * tanh(s / cap)`` before masking. ``sinks``: one logit per query
+    head for a key every query sees, with value zero (it only adds ``e^{sink}`` to each row's normaliser).
     Rows with no visible key output zeros. Keys/values that no query of their (batch row, KV head) sees (empty
     cache slots, positions outside every window) are replaced by zeros first, so whatever they hold (NaN, Inf)
     reaches no output and no gradient; scores are masked with ``where``, so a non-finite key reaches no query that
     does not see it.
     """
-    return softmax_forward_with_lse(q, k, v, visible, softmax_scale)[0]
+    return softmax_forward_with_lse(q, k, v, visible, softmax_scale, logits_soft_cap, sinks)[0]
 
 
 def softmax_forward_with_lse(
@@ -42,20 +46,31 @@ def softmax_forward_with_lse(
     v: Float[Array, "b sk kvh d"],
     visible: Bool[Array, "#b h sq sk"],
     softmax_scale: float,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, "h"] | None = None,
 ) -> tuple[Float[Array, "b sq h d"], Float[Array, "b h sq"]]:
-    """``softmax_attention`` and the base-2 log-sum-exp ``[b, h, sq]`` (``+inf`` on rows that see no key): the
-    kernels' forward contract, densely (the XLA backend of ``context_parallel_attention``)."""
+    """``softmax_attention`` and the base-2 log-sum-exp ``[b, h, sq]`` (``+inf`` on rows that see no key and no
+    sink): the kernels' forward contract, densely (the XLA backend of ``context_parallel_attention``)."""
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     acc = _accumulation_dtype(q.dtype)
     mask = visible.reshape(visible.shape[0], kvh, h // kvh, sq, sk)
     seen = jnp.any(mask, axis=(2, 3)).transpose(0, 2, 1)[..., None]  # [#b, sk, kvh, 1]
     k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)
-    logits = jnp.where(mask, _grouped_logits(q, k, acc) * softmax_scale, -jnp.inf)
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    logits = _grouped_logits(q, k, acc) * softmax_scale
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(acc).reshape(1, kvh, h // kvh, 1, 1)
+        row_max = jnp.maximum(row_max, sink)
+    # The result does not depend on the subtracted maximum, so it takes no gradient.
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     weights = jnp.exp(logits - row_max)
     total = jnp.sum(weights, axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + jnp.exp(sink - row_max)
     total_or_one = jnp.where(total == 0, 1.0, total)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights / total_or_one, v.astype(acc))
     lse = jnp.where(total == 0, jnp.inf, (row_max + jnp.log(total_or_one)) * _LOG2E)
