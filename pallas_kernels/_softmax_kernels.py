@@ -10,6 +10,11 @@ ratio, queries the last positions of the keys):
 
 The residuals are the same for both, so a forward of one backend can be differentiated by the other's backward
 (the Mosaic forward at head_dim 256 uses the Triton backward, whose tiles fit in shared memory).
+
+Options: a soft-cap (``Plan.logits_soft_cap``) and segment ids (``masks.Segments``) change the scores of both
+passes; sinks only the forward (each row's running max and sum start from its sink), since ``lse`` then holds them
+and the backward needs nothing else; their own gradient is computed here from ``lse`` and ``rowsum(dO * O)``. Only
+the Triton kernels take options (``softmax_attention`` routes such calls there).
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from pallas_kernels._autodiff import reject_higher_order
 from pallas_kernels import _partitioning
 from pallas_kernels._mosaic import softmax as mosaic
 from pallas_kernels._triton import softmax as triton
-from pallas_kernels.masks import SparseMask, WindowMask
+from pallas_kernels.masks import Segments, SparseMask, WindowMask
 
 BACKENDS = ("mosaic", "triton")
+_LOG2E = 1.4426950408889634
 # The public ops served by this seam, named in the errors of the derivatives it does not define.
 _OPS = "flash_attention / multiscale_attention / sparse_attention"
 
@@ -43,6 +50,7 @@ class Plan:
     triton_config: triton.KernelConfig | None = None
     mosaic_config: mosaic.MosaicConfig | None = None
     interpret: bool = False
+    logits_soft_cap: float | None = None
 
     def __post_init__(self):
         for name in ("forward_backend", "backward_backend"):
@@ -50,30 +58,60 @@ class Plan:
                 raise ValueError(f"{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
 
 
-def forward(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Array]:
+_SEGMENT_LAYOUTS = ("b.", "b.")
+
+
+def forward(
+    q: Array, k: Array, v: Array, plan: Plan, segments: Segments | None = None, sinks: Array | None = None
+) -> tuple[Array, Array]:
     """Output and base-2 log-sum-exp of ``plan.forward_backend`` (``plan`` as returned by ``prepare``); under ``jit``
-    with inputs sharded over batch/heads each device runs its own shard (``_partitioning``)."""
+    with inputs sharded over batch/heads each device runs its own shard (``_partitioning``). ``sinks``: ``[heads]``."""
+    options = () if segments is None else tuple(segments)
+    layouts = _SEGMENT_LAYOUTS if segments is not None else ()
+    if sinks is not None:  # per batch row, so that it partitions (and folds under vmap) like the other inputs
+        options += (jnp.broadcast_to(sinks.astype(jnp.float32), (q.shape[0], q.shape[2])),)
+        layouts += ("bh",)
 
-    def run(local: Plan, q, k, v):
+    def run(local: Plan, q, k, v, *options):
         if local.forward_backend == "mosaic":
+            assert not options, "the Mosaic kernels take no options (softmax_attention routes them to Triton)"
             return mosaic.forward(q, k, v, local.mask, local.softmax_scale, local.mosaic_config)
-        return triton.forward(q, k, v, local.mask, local.softmax_scale, local.interpret, local.triton_config)
+        local_segments = Segments(*options[:2]) if segments is not None else None
+        local_sinks = options[-1] if sinks is not None else None
+        return triton.forward(q, k, v, local.mask, local.softmax_scale, local.interpret, local.triton_config,
+                              local.logits_soft_cap, local_segments, local_sinks)
 
-    return _partitioned(run, plan, (q, k, v), ("b.h.", "b.k.", "b.k."), ("b.h.", "bh."))
+    return _partitioned(run, plan, (q, k, v, *options), ("b.h.", "b.k.", "b.k.", *layouts), ("b.h.", "bh."))
 
 
-def backward(plan: Plan, res: tuple[Array, Array, Array, Array, Array], do: Array) -> tuple[Array, Array, Array]:
+def backward(
+    plan: Plan, res: tuple[Array, Array, Array, Array, Array], do: Array, segments: Segments | None = None
+) -> tuple[Array, Array, Array]:
     """dQ, dK, dV of ``plan.backward_backend`` from residuals ``(q, k, v, out, lse)``; ``out``/``lse`` may be the
-    final ones of rows that also saw other keys (context parallelism). Partitioned as ``forward``."""
+    final ones of rows that also saw other keys or a sink (context parallelism, sinks). Partitioned as
+    ``forward``."""
+    options = () if segments is None else tuple(segments)
 
-    def run(local: Plan, q, k, v, out, lse, do):
+    def run(local: Plan, q, k, v, out, lse, do, *options):
         if local.backward_backend == "mosaic":
+            assert not options, "the Mosaic kernels take no options (softmax_attention routes them to Triton)"
             return mosaic.backward(local.mask, local.softmax_scale, local.mosaic_config, (q, k, v, out, lse), do)
         return triton.backward(local.mask, local.softmax_scale, local.interpret, local.triton_config,
-                               (q, k, v, out, lse), do)
+                               (q, k, v, out, lse), do, local.logits_soft_cap,
+                               Segments(*options) if options else None)
 
-    layouts = ("b.h.", "b.k.", "b.k.", "b.h.", "bh.", "b.h.")
-    return _partitioned(run, plan, (*res, do), layouts, ("b.h.", "b.k.", "b.k."))
+    layouts = ("b.h.", "b.k.", "b.k.", "b.h.", "bh.", "b.h.") + (_SEGMENT_LAYOUTS if options else ())
+    return _partitioned(run, plan, (*res, do, *options), layouts, ("b.h.", "b.k.", "b.k."))
+
+
+def sinks_gradient(
+    sinks: Float[Array, " heads"], out: Array, lse: Float[Array, "batch heads q_len"], do: Array
+) -> Float[Array, " heads"]:
+    """d loss / d sinks: row ``i`` of head ``h`` gives its sink the weight ``p_i = exp(sink_h - lse_i)`` and
+    ``d out_i / d sink_h = -p_i out_i``, so the gradient is ``-sum_i p_i rowsum(dO_i * O_i)``."""
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
+    p_sink = jnp.exp2(sinks.astype(jnp.float32)[None, :, None] * _LOG2E - lse)
+    return (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
 
 
 def _partitioned(run, plan: Plan, arrays: tuple[Array, ...], in_layouts, out_layouts):
@@ -105,20 +143,24 @@ def _local_plan(plan: Plan, num_heads: int) -> Plan:
     return plan if num_heads == plan.mask.num_heads else dataclasses.replace(plan, mask=plan.mask.heads(0, num_heads))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, plan: Plan):
-    return forward(q, k, v, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, segments, sinks, plan: Plan):
+    return forward(q, k, v, plan, segments, sinks)[0]
 
 
-def _attention_fwd(q, k, v, plan: Plan):
+def _attention_fwd(q, k, v, segments, sinks, plan: Plan):
     reject_higher_order(_OPS, q, k, v)
-    out, lse = forward(q, k, v, plan)
-    return out, (q, k, v, out, lse)  # O(S) residuals only
+    out, lse = forward(q, k, v, plan, segments, sinks)
+    return out, ((q, k, v, out, lse), segments, sinks)  # O(S) residuals only
 
 
 def _attention_bwd(plan: Plan, res, do):
+    res, segments, sinks = res
     reject_higher_order(_OPS, res, do)
-    return backward(plan, res, do)
+    dq, dk, dv = backward(plan, res, do, segments)
+    d_segments = None if segments is None else jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), segments)
+    d_sinks = None if sinks is None else sinks_gradient(sinks, res[3], res[4], do)
+    return dq, dk, dv, d_segments, d_sinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -145,11 +187,13 @@ def attention(
     k: Float[Array, "batch kv_len kv_heads head_dim"],
     v: Float[Array, "batch kv_len kv_heads head_dim"],
     plan: Plan,
+    segments: Segments | None = None,
+    sinks: Float[Array, " heads"] | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
-    """Softmax attention under ``plan.mask`` with ``plan``'s backends (see ``prepare``); output in ``q.dtype``.
-    Differentiable."""
+    """Softmax attention under ``plan.mask`` (and ``segments``, with ``sinks``) with ``plan``'s backends (see
+    ``prepare``); output in ``q.dtype``. Differentiable in ``q``, ``k``, ``v`` and ``sinks``."""
     q, plan = prepare(q, k, v, plan)
-    return _attention(q, k, v, plan)
+    return _attention(q, k, v, segments, sinks, plan)
 
 
 def softmax_attention(

@@ -21,13 +21,14 @@ _LOG2E = math.log2(math.e)
 
 
 class Geometry(NamedTuple):
-    """Trace-time constants of one attention call: real lengths, head size, mask kind and score scale."""
+    """Trace-time constants of one attention call: real lengths, head size, mask kind, score scale and soft-cap."""
 
     q_len: int
     kv_len: int
     head_dim: int
     causal: bool
     softmax_scale: float
+    logits_soft_cap: float | None = None
 
     @property
     def offset(self) -> int:
@@ -55,6 +56,14 @@ class BlockRange(NamedTuple):
     full_lo: Int[Array, ""]
     full_hi: Int[Array, ""]
     hi: Int[Array, ""]
+
+    def intersect(self, other: BlockRange) -> BlockRange:
+        """The blocks both ranges visit; entirely visible where both say so."""
+        lo = jnp.maximum(self.lo, other.lo)
+        hi = jnp.maximum(jnp.minimum(self.hi, other.hi), lo)
+        full_lo = jnp.minimum(jnp.maximum(jnp.maximum(self.full_lo, other.full_lo), lo), hi)
+        full_hi = jnp.minimum(jnp.maximum(jnp.minimum(self.full_hi, other.full_hi), full_lo), hi)
+        return BlockRange(lo, full_lo, full_hi, hi)
 
     def phases(self) -> tuple[Phase, Phase]:
         """The full blocks, then the partial ones on both sides of them."""
@@ -107,3 +116,45 @@ def q_block_range(k_first, k_last, window, st: Geometry, block_q: int) -> BlockR
     d_min, d_max = offset_bounds(window, st.causal)
     r = -st.offset  # absolute position -> query row
     return block_range(k_first + d_min + r, k_last + d_max + r, k_last + d_min + r, k_first + d_max + r, st.q_len, block_q)
+
+
+def segment_block_ranges(
+    q_ids: Int[Array, "b sq"], kv_ids: Int[Array, "b sk"], block_q: int, block_k: int, *, by_key: bool
+) -> Int[Array, "b tiles 4"]:
+    """Per batch row and tile of the program axis, the ``BlockRange`` ``(lo, full_lo, full_hi, hi)`` of the looped
+    axis under segment ids alone (computed by XLA, read by the kernels; ``masks.Segments`` for the ids).
+
+    Query tiles (key tiles if ``by_key``) own the programs. A pair of tiles may hold a visible element when the id
+    intervals ``[min, max]`` of the two tiles overlap, and is entirely visible when both tiles hold one and the same
+    id: a superset of the visible tiles for any ids, tight for contiguous runs. ``[lo, hi)`` spans the first to the
+    last pair that may be visible; ``[full_lo, full_hi)`` is the first run of entirely visible ones.
+    """
+    q_lo, q_hi = _tile_id_bounds(q_ids, block_q)  # [b, nq]
+    k_lo, k_hi = _tile_id_bounds(kv_ids, block_k)  # [b, nk]
+    if by_key:
+        (own_lo, own_hi), (loop_lo, loop_hi) = (k_lo, k_hi), (q_lo, q_hi)
+    else:
+        (own_lo, own_hi), (loop_lo, loop_hi) = (q_lo, q_hi), (k_lo, k_hi)
+    own_lo, own_hi = own_lo[:, :, None], own_hi[:, :, None]
+    loop_lo, loop_hi = loop_lo[:, None, :], loop_hi[:, None, :]
+    maybe = (own_lo <= loop_hi) & (loop_lo <= own_hi)  # [b, own tiles, looped tiles]
+    full = (own_lo == own_hi) & (loop_lo == loop_hi) & (own_lo == loop_lo)
+    n = maybe.shape[-1]
+    tiles = jnp.arange(n, dtype=jnp.int32)
+    lo = jnp.min(jnp.where(maybe, tiles, n), axis=-1)
+    hi = jnp.maximum(jnp.max(jnp.where(maybe, tiles + 1, 0), axis=-1), lo)
+    full_lo = jnp.min(jnp.where(full, tiles, n), axis=-1)
+    full_hi = jnp.min(jnp.where(~full & (tiles > full_lo[..., None]), tiles, n), axis=-1)
+    full_lo = jnp.clip(full_lo, lo, hi)
+    full_hi = jnp.clip(full_hi, full_lo, hi)
+    return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
+
+
+def _tile_id_bounds(ids: Int[Array, "b s"], block: int) -> tuple[Int[Array, "b n"], Int[Array, "b n"]]:
+    """Smallest and largest id of each tile of ``block`` positions (the ragged last tile over its real positions)."""
+    b, length = ids.shape
+    n = -(-length // block)
+    pad = n * block - length
+    low = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max).reshape(b, n, block)
+    high = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).min).reshape(b, n, block)
+    return low.min(axis=-1), high.max(axis=-1)

@@ -33,9 +33,17 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels._vma import out_struct
-from pallas_kernels.block_ranges import BlockRange, Geometry, Phase, int_div, kv_block_range, q_block_range
+from pallas_kernels.block_ranges import (
+    BlockRange,
+    Geometry,
+    Phase,
+    int_div,
+    kv_block_range,
+    q_block_range,
+    segment_block_ranges,
+)
 from pallas_kernels.block_tables import RowPieces, band, block_tables, split_long_rows
-from pallas_kernels.masks import SparseMask, WindowMask
+from pallas_kernels.masks import PAD_KEY, PAD_QUERY, Segments, SparseMask, WindowMask
 
 from .compiler import compiler_params, pl, plgpu
 
@@ -45,6 +53,7 @@ _NO_WINDOW = 2**30
 _NO_KEY = -(2**30)
 # Triton's ``tl.dot`` needs every operand dimension to be at least 16.
 _MIN_BLOCK = 16
+_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +159,14 @@ def forward(
     softmax_scale: float,
     interpret: bool,
     config: KernelConfig,
+    logits_soft_cap: float | None = None,
+    segments: Segments | None = None,
+    sinks: Float[Array, "batch heads"] | None = None,
 ) -> tuple[Float[Array, "batch q_len heads head_dim"], Float[Array, "batch heads q_len"]]:
-    """Output (``q.dtype``) and base-2 log-sum-exp ``[batch, heads, q_len]`` (``+inf`` on rows that see no key)."""
-    return _forward(q, k, v, _kernel_mask(mask), softmax_scale, interpret, config)
+    """Output (``q.dtype``) and base-2 log-sum-exp ``[batch, heads, q_len]`` (``+inf`` on rows that see no key and no
+    sink). ``logits_soft_cap``: scores ``cap * tanh(s / cap)``; ``segments``: packed/padded rows
+    (``masks.Segments``); ``sinks``: one logit per row and query head, counted in each row's normaliser."""
+    return _forward(q, k, v, _kernel_mask(mask), softmax_scale, interpret, config, logits_soft_cap, segments, sinks)
 
 
 def backward(
@@ -162,9 +176,11 @@ def backward(
     config: KernelConfig,
     res: tuple[Array, Array, Array, Array, Array],
     do: Float[Array, "batch q_len heads head_dim"],
+    logits_soft_cap: float | None = None,
+    segments: Segments | None = None,
 ) -> tuple[Array, Array, Array]:
-    """dQ, dK, dV from the residuals ``(q, k, v, out, lse)`` of either backend's forward."""
-    return _backward(_kernel_mask(mask), softmax_scale, interpret, config, res, do)
+    """dQ, dK, dV from the residuals ``(q, k, v, out, lse)`` of either backend's forward (sinks live in ``lse``)."""
+    return _backward(_kernel_mask(mask), softmax_scale, interpret, config, logits_soft_cap, res, do, segments)
 
 
 def _kernel_mask(mask: WindowMask | SparseMask) -> _Mask:
@@ -177,11 +193,25 @@ def _kernel_mask(mask: WindowMask | SparseMask) -> _Mask:
 
 
 class _Static(Geometry):
-    """``Geometry`` with the head size the Triton tiles use (a power of two >= 16)."""
+    """``Geometry`` with the head size the Triton tiles use (a power of two >= 16) and the score map."""
 
     @property
     def head_dim_padded(self) -> int:
         return _pow2_at_least(self.head_dim)
+
+    @property
+    def score_scale(self) -> float:
+        """Factor from ``scores`` to base-2 logits: without a soft-cap the scores are the raw products (the scale
+        folds into exp2's multiply-add), with one they are base-2 logits already."""
+        return self.qk_scale if self.logits_soft_cap is None else 1.0
+
+    def scores(self, s: Float[Array, "m n"]) -> tuple[Float[Array, "m n"], Float[Array, "m n"] | None]:
+        """Raw products ``q.k`` -> scores (see ``score_scale``), and with a soft-cap ``t = tanh(scale * s / cap)``,
+        whose derivative ``1 - t^2`` the backward applies."""
+        if self.logits_soft_cap is None:
+            return s, None
+        t = jnp.tanh(s * (self.softmax_scale / self.logits_soft_cap))
+        return t * (self.logits_soft_cap * _LOG2E), t
 
 
 class _TableRow(NamedTuple):
@@ -195,6 +225,10 @@ class _TableRow(NamedTuple):
     def phases(self) -> tuple[Phase, Phase]:
         block = lambda t: self.blocks_ref[t]
         return Phase(self.start, self.full_end, block), Phase(self.full_end, self.end, block)
+
+    def all_masked(self) -> _TableRow:
+        """The row with every block in the masked phase (the table's full blocks are full only without segments)."""
+        return self._replace(full_end=self.start)
 
     def piece(self, part: Int[Array, ""], length: int) -> _TableRow:
         """Entries ``[start + part * length, start + (part + 1) * length)`` of the row (``RowPieces``)."""
@@ -451,32 +485,90 @@ _Mask = _Windows | _Sparse
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Options: segment ids (packing, padding) and sinks. Their arrays (``_option_inputs``) select the program's batch
+# row; a kernel sees an empty dict without them, so their absence costs nothing.
+
+
+def _option_inputs(
+    st: _Static, segments: Segments | None, sinks: Array | None, block_q: int, block_k: int, *, by_key: bool
+) -> tuple[dict[str, Array], dict[str, pl.BlockSpec]]:
+    """Arrays and block specs: ``q_segments``/``kv_segments`` (ids padded with ``PAD_QUERY``/``PAD_KEY`` to powers
+    of two), ``segment_ranges`` (``segment_block_ranges`` of each program tile) and ``sinks`` (base-2)."""
+    arrays, specs = {}, {}
+
+    def add(name: str, x: Array, fill) -> None:
+        shape = tuple(pl.next_power_of_2(n) for n in x.shape[1:])
+        arrays[name] = jnp.pad(x, [(0, 0)] + [(0, n - m) for n, m in zip(shape, x.shape[1:])], constant_values=fill)
+        specs[name] = pl.BlockSpec((None, *shape), lambda i, b, h: (b,) + (0,) * len(shape))
+
+    if segments is not None:
+        add("q_segments", segments.q, PAD_QUERY)
+        add("kv_segments", segments.kv, PAD_KEY)
+        add("segment_ranges", segment_block_ranges(segments.q, segments.kv, block_q, block_k, by_key=by_key), 0)
+    if sinks is not None:
+        add("sinks", sinks.astype(jnp.float32) * _LOG2E, 0.0)
+    return arrays, specs
+
+
+class _SegmentIds(NamedTuple):
+    """The segment ids of a program's batch row, inside a kernel (the ``_option_inputs`` refs)."""
+
+    refs: dict[str, Any]
+
+    def queries(self, r0, size: int) -> Int[Array, " size"]:
+        return plgpu.load(self.refs["q_segments"].at[pl.ds(r0, size)])
+
+    def keys(self, j0, size: int) -> Int[Array, " size"]:
+        return plgpu.load(self.refs["kv_segments"].at[pl.ds(j0, size)])
+
+    def restrict(self, blocks: BlockRange | _TableRow, tile) -> BlockRange | _TableRow:
+        """``blocks`` of program tile ``tile`` cut to the segments' range (a sparse table row: all masked)."""
+        if isinstance(blocks, _TableRow):
+            return blocks.all_masked()
+        ranges = self.refs["segment_ranges"]
+        return blocks.intersect(BlockRange(*(ranges[tile, c] for c in range(4))))
+
+
+def _segment_ids(option_refs: dict[str, Any]) -> _SegmentIds | None:
+    return _SegmentIds(option_refs) if "q_segments" in option_refs else None
+
+
+def _same_segment(q_seg, k_seg, keys_first: bool) -> Bool[Array, "..."]:
+    return _per_query(q_seg, keys_first) == _per_key(k_seg, keys_first)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Forward.
 
 
 def _kv_block_scores(
-    kb, *, masked: bool, q, q_rows, k_ref, v_ref, st: _Static, block_k: int
-) -> tuple[Array, Array, Array]:
-    """Key block ``kb``'s K and V tiles and the unscaled scores ``q.k`` ``[block_q, block_k]`` of the query tile ``q``
-    against it; ``masked`` (partial blocks) sets invisible ones, under ``q_rows``' element mask, to ``-inf``.
+    kb, *, masked: bool, q, q_rows, q_seg, segs: _SegmentIds | None, k_ref, v_ref, st: _Static, block_k: int
+) -> tuple[Array, Array, Array, Array | None]:
+    """Key block ``kb``'s K and V tiles, the scores ``[block_q, block_k]`` of the query tile ``q`` against it
+    (``_Static.scores``) and the soft-cap's tanh; ``masked`` (partial blocks) sets invisible scores, under
+    ``q_rows``' element mask and the segments (``q_seg``: the tile's ids), to ``-inf``.
 
-    Callers scale inside ``exp2(s * qk_scale - m)``, one fused multiply-add per score."""
-    k_pos = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
-    k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
-    rows = pl.ds(kb * block_k, block_k)
+    Callers scale inside ``exp2(s * score_scale - m)``, one fused multiply-add per score."""
+    j0 = kb * block_k
+    k_pos = j0 + jnp.arange(block_k, dtype=jnp.int32)
+    k_ok = _row_mask(j0, block_k, st.kv_len) if masked else None
+    rows = pl.ds(j0, block_k)
     k = _load_tile(k_ref.at[rows, :], k_ok, st)
     v = _load_tile(v_ref.at[rows, :], k_ok, st)
-    s = plgpu.dot(q, k, trans_b=True)
+    s, t = st.scores(plgpu.dot(q, k, trans_b=True))
     if masked:
-        s = jnp.where(q_rows.visible(k_pos, keys_first=False), s, -jnp.inf)
-    return k, v, s
+        seen = q_rows.visible(k_pos, keys_first=False)
+        if segs is not None:
+            seen &= _same_segment(q_seg, segs.keys(j0, block_k), keys_first=False)
+        s = jnp.where(seen, s, -jnp.inf)
+    return k, v, s, t
 
 
 def _fwd_kv_block(kb, carry, *, masked: bool, **tiles) -> tuple[Array, Array, Array]:
     """One online-softmax step over key block ``kb`` (``tiles``: the arguments of ``_kv_block_scores``)."""
     acc, m, l = carry
-    _, v, s = _kv_block_scores(kb, masked=masked, **tiles)
-    qk_scale = tiles["st"].qk_scale
+    _, v, s, _ = _kv_block_scores(kb, masked=masked, **tiles)
+    qk_scale = tiles["st"].score_scale
     m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
     # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0 rather than NaN.
     m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -488,24 +580,30 @@ def _fwd_kv_block(kb, carry, *, masked: bool, **tiles) -> tuple[Array, Array, Ar
 
 
 def _fwd_kernel(
-    mask_refs, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: _Mask, st: _Static, block_q: int, block_k: int
+    mask_refs, option_refs, q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: _Mask, st: _Static, block_q: int,
+    block_k: int
 ):
     """Grid ``(q_blocks, batch, heads)``: one query block of one head against its visible key blocks."""
     qb, h = pl.program_id(0), pl.program_id(2)
     head = mask.head(mask_refs, h, st)
+    segs = _segment_ids(option_refs)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
     q = _load_tile(q_ref, row_ok, st)
 
-    carry = (
-        jnp.zeros((block_q, st.head_dim_padded), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-    )
+    # A sink is a key of logit ``sink`` and value 0 seen by every row: the running max and sum start from it.
+    if "sinks" in option_refs:
+        m0 = jnp.full((block_q,), option_refs["sinks"][h], jnp.float32)
+        l0 = jnp.ones((block_q,), jnp.float32)
+    else:
+        m0, l0 = jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32)
+    carry = (jnp.zeros((block_q, st.head_dim_padded), jnp.float32), m0, l0)
     step = functools.partial(
-        _fwd_kv_block, q=q, q_rows=head.rows(r0, block_q), k_ref=k_ref, v_ref=v_ref, st=st, block_k=block_k
+        _fwd_kv_block, q=q, q_rows=head.rows(r0, block_q), q_seg=None if segs is None else segs.queries(r0, block_q),
+        segs=segs, k_ref=k_ref, v_ref=v_ref, st=st, block_k=block_k,
     )
-    acc, m, l = _two_phase_loop(head.blocks(qb, block_q, block_k, by_key=False), step, carry)
+    blocks = head.blocks(qb, block_q, block_k, by_key=False)
+    acc, m, l = _two_phase_loop(blocks if segs is None else segs.restrict(blocks, qb), step, carry)
 
     empty = l == 0.0
     _store_tile(o_ref, acc / jnp.where(empty, 1.0, l)[:, None], row_ok, st)
@@ -513,15 +611,15 @@ def _fwd_kernel(
     plgpu.store(lse_ref, jnp.where(empty, jnp.inf, m + jnp.log2(l)), mask=row_ok)
 
 
-def _static(q: Array, k: Array, causal: bool, softmax_scale: float) -> _Static:
-    return _Static(q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3], causal=causal, softmax_scale=softmax_scale)
+def _static(q: Array, k: Array, causal: bool, softmax_scale: float, logits_soft_cap: float | None) -> _Static:
+    return _Static(q.shape[1], k.shape[1], q.shape[3], causal, softmax_scale, logits_soft_cap)
 
 
 def _kv_head(h, group: int):
     return h if group == 1 else int_div(h, group)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
 def _forward(
     q: Float[Array, "batch q_len heads head_dim"],
     k: Float[Array, "batch kv_len kv_heads head_dim"],
@@ -530,26 +628,30 @@ def _forward(
     softmax_scale: float,
     interpret: bool,
     config: KernelConfig,
+    logits_soft_cap: float | None,
+    segments: Segments | None,
+    sinks: Array | None,
 ) -> tuple[Float[Array, "batch q_len heads head_dim"], Float[Array, "batch heads q_len"]]:
     """Output and base-2 log-sum-exp ``[batch, heads, q_len]``."""
     batch, q_len, heads, _ = q.shape
     kv_len, group = k.shape[1], heads // k.shape[2]
-    st = _static(q, k, mask.causal, softmax_scale)
+    st = _static(q, k, mask.causal, softmax_scale, logits_soft_cap)
     bq, dp = config.block_q, st.head_dim_padded
     mask_inputs = mask.inputs(st, bq, config.block_k, by_key=False)
+    option_inputs, option_specs = _option_inputs(st, segments, sinks, bq, config.block_k, by_key=False)
 
     q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, mask=mask, st=st, block_q=bq, block_k=config.block_k),
         grid=(pl.cdiv(q_len, bq), batch, heads),
-        in_specs=[_whole_specs(mask_inputs), q_spec, kv_spec, kv_spec],
+        in_specs=[_whole_specs(mask_inputs), option_specs, q_spec, kv_spec, kv_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[out_struct(q.shape, q.dtype, q), out_struct((batch, heads, q_len), jnp.float32, q)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="softmax_attention_fwd",
-    )(mask_inputs, q, k, v)
+    )(mask_inputs, option_inputs, q, k, v)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -565,14 +667,17 @@ def _delta_kernel(o_ref, do_ref, delta_ref, *, st: _Static, block_q: int):
 
 def _dq_kv_block(kb, dq, *, masked: bool, do, lse, delta, **tiles) -> Array:
     """Adds key block ``kb``'s contribution ``dS @ K`` (without the softmax scale) to ``dq``."""
-    k, v, s = _kv_block_scores(kb, masked=masked, **tiles)
-    p = jnp.exp2(s * tiles["st"].qk_scale - lse[:, None])
+    k, v, s, t = _kv_block_scores(kb, masked=masked, **tiles)
+    p = jnp.exp2(s * tiles["st"].score_scale - lse[:, None])
     ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
+    if t is not None:  # through the soft-cap
+        ds = ds * (1.0 - t * t)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
 
 def _dq_kernel(
     mask_refs,
+    option_refs,
     q_ref,
     k_ref,
     v_ref,
@@ -589,6 +694,7 @@ def _dq_kernel(
     """Grid ``(q_blocks, batch, heads)``: dQ of one query block, looping over its visible key blocks."""
     qb, h = pl.program_id(0), pl.program_id(2)
     head = mask.head(mask_refs, h, st)
+    segs = _segment_ids(option_refs)
     r0 = qb * block_q
     row_ok = _row_mask(r0, block_q, st.q_len)
     q = _load_tile(q_ref, row_ok, st)
@@ -596,6 +702,8 @@ def _dq_kernel(
     lse = _load_rows(lse_ref, row_ok, jnp.inf)
     delta = _load_rows(delta_ref, row_ok, 0.0)
     blocks = head.blocks(qb, block_q, block_k, by_key=False)
+    if segs is not None:
+        blocks = segs.restrict(blocks, qb)
 
     step = functools.partial(
         _dq_kv_block,
@@ -604,6 +712,8 @@ def _dq_kernel(
         lse=lse,
         delta=delta,
         q_rows=head.rows(r0, block_q),
+        q_seg=None if segs is None else segs.queries(r0, block_q),
+        segs=segs,
         k_ref=k_ref,
         v_ref=v_ref,
         st=st,
@@ -614,7 +724,8 @@ def _dq_kernel(
 
 
 def _dkdv_q_block(
-    qb, carry, *, masked: bool, h, head, k, v, k_pos, q_ref, do_ref, lse_ref, delta_ref, st: _Static, block_q: int
+    qb, carry, *, masked: bool, h, head, k, v, k_pos, k_seg, segs: _SegmentIds | None, q_ref, do_ref, lse_ref,
+    delta_ref, st: _Static, block_q: int
 ) -> tuple[Array, Array]:
     """Adds query block ``qb`` of head ``h`` to ``(dk, dv)``; scores are kept transposed, ``[keys, queries]``."""
     dk, dv = carry
@@ -625,18 +736,24 @@ def _dkdv_q_block(
     do = _load_tile(do_ref.at[rows, h, :], row_ok, st)
     lse = _load_rows(lse_ref.at[h, rows], row_ok, jnp.inf)
     delta = _load_rows(delta_ref.at[h, rows], row_ok, 0.0)
-    s_t = plgpu.dot(k, q, trans_b=True)
+    s_t, t_t = st.scores(plgpu.dot(k, q, trans_b=True))
     if masked:
-        s_t = jnp.where(head.rows(r0, block_q).visible(k_pos, keys_first=True), s_t, -jnp.inf)
-    p_t = jnp.exp2(s_t * st.qk_scale - lse[None, :])
+        seen = head.rows(r0, block_q).visible(k_pos, keys_first=True)
+        if segs is not None:
+            seen &= _same_segment(segs.queries(r0, block_q), k_seg, keys_first=True)
+        s_t = jnp.where(seen, s_t, -jnp.inf)
+    p_t = jnp.exp2(s_t * st.score_scale - lse[None, :])
     dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
     ds_t = p_t * (plgpu.dot(v, do, trans_b=True) - delta[None, :])
+    if t_t is not None:  # through the soft-cap
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
     return dk, dv
 
 
 def _dkdv_kernel(
     mask_refs,
+    option_refs,
     q_ref,
     k_ref,
     v_ref,
@@ -676,6 +793,8 @@ def _dkdv_kernel(
     k = _load_tile(k_ref.at[keys, :], k_ok, st)
     v = _load_tile(v_ref.at[keys, :], k_ok, st)
     k_pos = j0 + jnp.arange(block_k, dtype=jnp.int32)
+    segs = _segment_ids(option_refs)
+    k_seg = None if segs is None else segs.keys(j0, block_k)
 
     def head_step(t, carry):
         h = g * group + t
@@ -687,6 +806,8 @@ def _dkdv_kernel(
             k=k,
             v=v,
             k_pos=k_pos,
+            k_seg=k_seg,
+            segs=segs,
             q_ref=q_ref,
             do_ref=do_ref,
             lse_ref=lse_ref,
@@ -695,6 +816,8 @@ def _dkdv_kernel(
             block_q=block_q,
         )
         blocks = head.blocks(kb, block_q, block_k, by_key=True)
+        if segs is not None:
+            blocks = segs.restrict(blocks, kb)
         return _two_phase_loop(blocks if part is None else blocks.piece(part, pieces.length), step, carry)
 
     zeros = jnp.zeros((block_k, st.head_dim_padded), jnp.float32)
@@ -711,20 +834,22 @@ def _dkdv_kernel(
         _store_tile(refs[1], dv, ok, st)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _backward(
     mask: _Mask,
     softmax_scale: float,
     interpret: bool,
     config: KernelConfig,
+    logits_soft_cap: float | None,
     res: tuple[Array, Array, Array, Array, Array],
     do: Float[Array, "batch q_len heads head_dim"],
+    segments: Segments | None,
 ) -> tuple[Array, Array, Array]:
     q, k, v, out, lse = res
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    st = _static(q, k, mask.causal, softmax_scale)
+    st = _static(q, k, mask.causal, softmax_scale, logits_soft_cap)
     bq, bk, dp = config.block_q_bwd, config.block_k_bwd, st.head_dim_padded
     params = compiler_params(config.num_warps_bwd, config.num_stages_bwd)
     q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
@@ -746,16 +871,19 @@ def _backward(
         (None, pl.next_power_of_2(kv_len), None, dp), lambda i, b, h: (b, 0, _kv_head(h, group), 0)
     )
     dq_mask_inputs = mask.inputs(st, bq, bk, by_key=False)
+    dq_options, dq_option_specs = _option_inputs(st, segments, None, bq, bk, by_key=False)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, mask=mask, st=st, block_q=bq, block_k=bk),
         grid=q_grid,
-        in_specs=[_whole_specs(dq_mask_inputs), q_spec, kv_all_spec, kv_all_spec, q_spec, row_spec, row_spec],
+        in_specs=[
+            _whole_specs(dq_mask_inputs), dq_option_specs, q_spec, kv_all_spec, kv_all_spec, q_spec, row_spec, row_spec
+        ],
         out_specs=q_spec,
         out_shape=out_struct(q.shape, q.dtype, q),
         compiler_params=params,
         interpret=interpret,
         name="softmax_attention_bwd_dq",
-    )(dq_mask_inputs, q, k, v, do, lse, delta)
+    )(dq_mask_inputs, dq_options, q, k, v, do, lse, delta)
 
     q_len_p2, heads_p2 = pl.next_power_of_2(q_len), pl.next_power_of_2(heads)
     q_all_spec = pl.BlockSpec((None, q_len_p2, heads_p2, dp), lambda j, b, g: (b, 0, 0, 0))
@@ -771,18 +899,20 @@ def _backward(
         out_specs += [pl.BlockSpec((None, bk, None, dp), lambda j, b, g: (b, jnp.minimum(j, n_extra - 1), g, 0))] * 2
         out_shape += [out_struct((batch, n_extra * bk, kv_heads, k.shape[3]), jnp.float32, q)] * 2
     dkdv_mask_inputs = mask.inputs(st, bq, bk, by_key=True)
+    dkdv_options, dkdv_option_specs = _option_inputs(st, segments, None, bq, bk, by_key=True)
     dk, dv, *extra = pl.pallas_call(
         functools.partial(_dkdv_kernel, mask=mask, st=st, group=group, block_q=bq, block_k=bk, pieces=pieces),
         grid=(n_extra + pl.cdiv(kv_len, bk), batch, kv_heads),
         in_specs=[
-            _whole_specs(dkdv_mask_inputs), q_all_spec, kv_all_spec, kv_all_spec, q_all_spec, row_all_spec, row_all_spec
+            _whole_specs(dkdv_mask_inputs), dkdv_option_specs, q_all_spec, kv_all_spec, kv_all_spec, q_all_spec,
+            row_all_spec, row_all_spec,
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=params,
         interpret=interpret,
         name="softmax_attention_bwd_dkdv",
-    )(dkdv_mask_inputs, q, k, v, do, lse, delta)
+    )(dkdv_mask_inputs, dkdv_options, q, k, v, do, lse, delta)
     if pieces is not None:
         keys = (pieces.tiles[:, None] * bk + np.arange(bk)).ravel()
         dk, dv = (x.at[:, keys].add(e, mode="drop").astype(k.dtype) for x, e in zip((dk, dv), extra))
