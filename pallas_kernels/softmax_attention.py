@@ -152,7 +152,7 @@ def _backward_backend(forward_backend: str, q, k, mask: WindowMask) -> str:
 def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config, options: _Options) -> dict[str, str | None]:
     """Each Pallas backend: ``None`` if it serves this call, else why not."""
     dtype_reason = kernel_dtype_reason(q, k)
-    mosaic = dtype_reason or mosaic_softmax.unsupported_reason(q, k, mask) or options.unsupported_by_mosaic()
+    mosaic = options.unsupported_by_mosaic() or dtype_reason or mosaic_softmax.unsupported_reason(q, k, mask)
     if interpret:
         mosaic = "interpret=True runs the Triton kernels (JAX 0.11's Mosaic GPU interpreter cannot run wgmma kernels)"
     elif isinstance(kernel_config, KernelConfig):
@@ -344,6 +344,7 @@ def decode_attention(
     lengths: Int[Array, "b"],
     window_size: int | None | Sequence[int | None] = None,
     *,
+    sparse_mask: SparseMask | None = None,
     softmax_scale: float | None = None,
     implementation: str = "auto",
     interpret: bool = False,
@@ -360,28 +361,53 @@ def decode_attention(
     traced ones cannot be checked, and values outside that range give unspecified outputs. Slots at or past
     ``lengths[b]`` never reach an output on either path, whatever they hold (NaN included).
 
+    ``sparse_mask``: a causal ``SparseMask`` with one head per query head replaces the window (give one or the other,
+    not both): slot ``j`` is visible iff ``SparseMask.visible`` says so for the query's position, with the random
+    blocks drawn for ``cdiv(capacity, block_size)`` query blocks (a causal draw does not depend on that number, so
+    a continuation sees what ``sparse_attention``'s prefill saw). The kernel visits only the key blocks of the local
+    band, the global tokens and the random blocks of each row's queries. A non-causal mask cannot be decoded
+    (``ValueError``).
+
     The Pallas kernel (split-K flash-decoding) is forward only: under ``"auto"`` ``jax.grad`` differentiates
-    the XLA path, under ``"pallas"`` it raises ``NotImplementedError``. ``kernel_config`` overrides its block
-    size, number of key splits and launch settings (default: a heuristic). ``logits_soft_cap`` and ``sinks`` as in
-    ``flash_attention``.
+    the XLA path (``q``, the caches and ``sinks``), under ``"pallas"`` it raises ``NotImplementedError``.
+    ``kernel_config`` overrides its block size, number of key splits and launch settings (default: a heuristic).
+    ``logits_soft_cap`` and ``sinks`` as in ``flash_attention`` (a row that sees no slot outputs zeros, with sinks
+    too); the kernel applies both.
     """
     num_heads, _ = check_attention_inputs(q, k_cache, v_cache, causal=False)
     check_bool(interpret=interpret)
     lengths = check_seq_lengths("lengths", lengths, q.shape[0], k_cache.shape[1], "capacity")
-    windows = _per_head_windows("window_size", window_size, num_heads)
+    if sparse_mask is not None:
+        if window_size is not None:
+            raise ValueError("decode_attention takes window_size or sparse_mask, not both")
+        if not isinstance(sparse_mask, SparseMask):
+            raise TypeError(f"sparse_mask must be a pallas_kernels.SparseMask or None, got {sparse_mask!r}")
+        check_sparse_config(sparse_mask)
+        if not sparse_mask.causal:
+            raise ValueError("sparse_mask must be causal: a non-causal SparseMask cannot be decoded (its queries"
+                             " see later positions, which a cache does not hold)")
+        if sparse_mask.num_heads != num_heads:
+            raise ValueError(f"sparse_mask must have one head per query head: q has {num_heads}, sparse_mask"
+                             f" {sparse_mask.num_heads}")
+        windows, mask = None, sparse_mask
+    else:
+        windows = _per_head_windows("window_size", window_size, num_heads)
+        mask = WindowMask(windows, causal=True)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     logits_soft_cap = logits_soft_cap_or_none(logits_soft_cap)
     sinks = check_sinks(sinks, num_heads)
     if kernel_config is not None and not isinstance(kernel_config, triton_decode.DecodeConfig):
         raise TypeError(f"kernel_config must be a DecodeConfig or None, got {kernel_config!r}")
     if use_pallas(implementation, "decode_attention", kernel_dtype_reason(q, k_cache)):
-        return forward_mode_guard("decode_attention", (q, k_cache, v_cache), lambda: triton_decode.decode_attention(
-            q, k_cache, v_cache, lengths, windows=windows, softmax_scale=scale, interpret=interpret,
-            config=kernel_config, xla_backward=implementation == "auto", logits_soft_cap=logits_soft_cap,
-            sinks=sinks,
-        ))
+        kernel = lambda: triton_decode.decode_attention(
+            q, k_cache, v_cache, lengths, windows=windows, sparse_mask=sparse_mask, softmax_scale=scale,
+            interpret=interpret, config=kernel_config, xla_backward=implementation == "auto",
+            logits_soft_cap=logits_soft_cap, sinks=sinks,
+        )
+        return forward_mode_guard("decode_attention", (q, k_cache, v_cache, sinks), kernel)
     q_pos, k_pos = reference.cache_positions(lengths, q.shape[1], k_cache.shape[1])
+    num_blocks = None if sparse_mask is None else -(-k_cache.shape[1] // sparse_mask.block_size)
     return attention_at_positions(
-        q, k_cache, v_cache, q_pos, k_pos, WindowMask(windows, causal=True),
+        q, k_cache, v_cache, q_pos, k_pos, mask, num_blocks=num_blocks,
         softmax_scale=scale, implementation="xla", logits_soft_cap=logits_soft_cap, sinks=sinks,
     )

@@ -16,19 +16,33 @@ def window_mask(q_len: int, kv_len: int, windows, causal: bool) -> np.ndarray:
     return np.stack(masks)
 
 
-def softmax_attention(q, k, v, mask, scale=None) -> np.ndarray:
-    """q [b, sq, h, d], k/v [b, sk, kvh, d], mask [h, sq, sk] or [b, h, sq, sk]."""
+def softmax_attention(q, k, v, mask, scale=None, soft_cap=None, sinks=None) -> np.ndarray:
+    """q [b, sq, h, d], k/v [b, sk, kvh, d], mask [h, sq, sk] or [b, h, sq, sk]; ``soft_cap``: scores
+    ``cap * tanh(s / cap)``; ``sinks [h]``: an extra logit per head with value zero, seen by every query."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if soft_cap is not None:
+        s = soft_cap * np.tanh(s / soft_cap)
     s = np.where(mask, s, -np.inf)
+    if sinks is not None:
+        sink = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None, None], (*s.shape[:3], 1))
+        s = np.concatenate([s, sink], axis=-1)
     m = s.max(-1, keepdims=True)
     p = np.exp(s - np.where(np.isfinite(m), m, 0.0))
     total = p.sum(-1, keepdims=True)
     p /= np.where(total == 0, 1.0, total)  # rows that see no key output zeros
+    if sinks is not None:
+        p = p[..., :-1]
     return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def segment_mask(q_ids, kv_ids) -> np.ndarray:
+    """bool [b, 1, sq, sk]: query i sees key j only if their segment ids are equal."""
+    q_ids, kv_ids = np.asarray(q_ids), np.asarray(kv_ids)
+    return (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
 
 
 def cache_mask(lengths, t: int, capacity: int, windows) -> np.ndarray:
