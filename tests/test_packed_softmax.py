@@ -272,3 +272,60 @@ def test_queries_shorter_than_keys_with_both_segment_ids(name):
                              kv_segment_ids=jnp.asarray(ids), **impl)
     mask = naive.window_mask(10, 30, (None,) * HEADS, causal=True)[None] & naive.segment_mask(ids[:, 20:], ids)
     assert relerr(got, naive.softmax_attention(q[:, 20:], k, v, mask)) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["flash", "window", "sparse"])
+def test_kernels_with_options_lower_to_triton(form):
+    """Forward and both backward kernels with segments, lengths, soft-cap and sinks go through the Pallas -> Triton
+    lowering (what interpret mode cannot show); the Triton compiler itself runs in the ``gpu`` test."""
+    from tests.conftest import gpu_target
+
+    shape = lambda s, h: jax.ShapeDtypeStruct((2, s, h, 128), jnp.bfloat16)
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    fn = {"flash": FORMS["flash"], "window": FORMS["window"], "sparse": SOFTMAX_FORMS["sparse"]}[form]
+
+    def loss(q, k, v, sinks, ids, lengths):
+        out = fn(q, k, v, q_segment_ids=ids, key_value_seq_lengths=lengths, logits_soft_cap=30.0, sinks=sinks,
+                 implementation="pallas_triton")
+        return jnp.sum(out.astype(jnp.float32))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    with gpu_target():
+        lowered = grads.trace(shape(1000, 4), shape(1000, 2), shape(1000, 2), jax.ShapeDtypeStruct((4,), jnp.float32),
+                              ints(2, 1000), ints(2)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") >= 4  # forward, delta, dQ, dK/dV
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["flash", "window", "multiscale", "sparse"])
+def test_real_size_options_bfloat16_against_xla_float32(form):
+    """At S=4096 (bf16, GQA 16/4, d128), packed documents with padding, a soft-cap and sinks: the Triton kernels'
+    output and gradients against the float32 XLA path."""
+    rng = np.random.default_rng(0)
+    batch, seq, heads, kv_heads, head_dim = 2, 4096, 16, 4, 128
+    make = lambda h, dtype: jnp.asarray(rng.standard_normal((batch, seq, h, head_dim)), dtype)
+    q, k, v, ct = make(heads, jnp.bfloat16), make(kv_heads, jnp.bfloat16), make(kv_heads, jnp.bfloat16), \
+        make(heads, jnp.float32)
+    ids = jnp.asarray(_segment_ids(((512, 1024, 2048, 512), (4096,))))
+    lengths = jnp.asarray([4096, 3000])
+    sinks = jnp.asarray(rng.standard_normal(heads), jnp.float32)
+    fns = {
+        "flash": lambda *a, **o: pk.flash_attention(*a, **o),
+        "window": lambda *a, **o: pk.flash_attention(*a, window_size=1024, **o),
+        "multiscale": lambda *a, **o: pk.multiscale_attention(*a, (256, 1024, None, None) * 4, **o),
+        "sparse": lambda *a, **o: pk.sparse_attention(*a, block_size=64, **o),
+    }
+
+    def run(implementation, dtype):
+        def loss(q, k, v, sinks):
+            out = fns[form](q, k, v, q_segment_ids=ids, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                            logits_soft_cap=20.0, sinks=sinks, implementation=implementation)
+            return jnp.sum(out.astype(jnp.float32) * ct), out
+        cast = lambda x: x.astype(dtype)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(cast(q), cast(k), cast(v), sinks)
+
+    (_, out), grads = run("pallas_triton", jnp.bfloat16)
+    (_, want), want_grads = run("xla", jnp.float32)
+    assert relerr(out, want) < 1e-2
+    for name, g, w in zip(("dq", "dk", "dv", "dsinks"), grads, want_grads):
+        assert relerr(g, w) < 2e-2, name
