@@ -10,8 +10,10 @@ the Pallas mha kernel that ships with JAX (it has no GQA, so K/V are repeated in
 linear attention, flash-linear-attention (pip install fla-core, with PyTorch; its row says so when missing).
 
 Suites: softmax (causal, full and sliding-window attention), multiscale (beside its local and global heads run
-alone), sparse (a BigBird mask beside dense causal attention), linear (beside fla and causal softmax attention)
-and decode (one new token against a cache: time and memory bandwidth, beside a plain copy).
+alone), sparse (a BigBird mask beside dense causal attention), linear (beside fla and causal softmax attention),
+decode (one new token against a cache: time and memory bandwidth, beside a plain copy), packed (rows packing
+documents, beside the documents run alone, dense causal attention and FlexAttention's document mask; a half-padded
+batch) and options (the cost of a logit soft-cap and of sinks on causal attention).
 
 Off a GPU the kernels run in Pallas interpret mode (an emulator: slow, and its times mean nothing); use
 --quick there to check that everything runs.
@@ -41,7 +43,7 @@ from complexity_jax.profiling import format_bytes, format_table, median_ms, temp
 
 ON_GPU = jax.default_backend() == "gpu"
 XLA_LOGITS_BUDGET = 24 * 2**30  # skip the XLA peer where its S×S float32 logits would pass this
-SUITES = ("softmax", "multiscale", "sparse", "linear", "decode")
+SUITES = ("softmax", "multiscale", "sparse", "linear", "decode", "packed", "options")
 JSON_FOLDER = pathlib.Path("bench_out")  # git-ignored
 
 
@@ -320,6 +322,130 @@ def sparse_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: boo
     return planned
 
 
+def packed_documents(seq_len: int, batch: int, seed: int = 0) -> list[list[int]]:
+    """Document lengths of each row: drawn from ``seq_len / 16, / 8, / 4, / 2`` (512 to 4096 at 8192) until the row
+    is full, the last one cut to fit."""
+    rng = np.random.default_rng(seed)
+    choices = [max(1, seq_len // n) for n in (16, 8, 4, 2)]
+    rows = []
+    for _ in range(batch):
+        row = []
+        while sum(row) < seq_len:
+            row.append(min(int(rng.choice(choices)), seq_len - sum(row)))
+        rows.append(row)
+    return rows
+
+
+def packed_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool) -> list[Case]:
+    """Causal attention over rows that pack documents (``packed_documents``) with segment ids, beside the same
+    documents run alone one after another, our dense causal kernel over the packed length and, on a GPU,
+    FlexAttention's document mask; and a batch whose second row is half padding beside the full batch. TFLOP/s count
+    the pairs inside documents (padding: the valid prefixes) for every row, so they compare useful work."""
+    planned = []
+    b, d, h = shape.batch, shape.head_dim, shape.num_heads
+    impl = ours(interpret, "pallas_triton")
+    for s in seq_lens:
+        sh = dataclasses.replace(shape, seq_len=s)
+        docs = packed_documents(s, b)
+        ids = jnp.asarray(np.stack([np.repeat(np.arange(len(row)), row) for row in docs]), jnp.int32)
+        doc_flops = 4.0 * d * h * sum(n * (n + 1) / 2 for row in docs for n in row)
+        label = f"packed docs of {min(min(r) for r in docs)}-{max(max(r) for r in docs)} ({sum(map(len, docs))} docs)"
+        half = jnp.asarray([s] + [s // 2] * (b - 1), jnp.int32)
+        half_flops = 4.0 * d * h * sum(n * (n + 1) / 2 for n in np.asarray(half))
+        planned += [
+            timed("packed", label, "ours segment ids",
+                  lambda q, k, v, ids=ids: pk.flash_attention(q, k, v, q_segment_ids=ids, **impl), sh, doc_flops,
+                  repeats),
+            timed("packed", label, "ours, each doc alone",
+                  lambda q, k, v, docs=docs: _documents_alone(q, k, v, docs, impl), sh, doc_flops, repeats),
+            timed("packed", label, "ours dense causal",
+                  lambda q, k, v: pk.flash_attention(q, k, v, **impl), sh, doc_flops, repeats),
+            Case("packed", label, FLEX, s, functools.partial(flex_documents, label, sh, docs, doc_flops, repeats)),
+            timed("packed", f"padded rows ({', '.join(map(str, np.asarray(half).tolist()))})", "ours lengths",
+                  lambda q, k, v, n=half: pk.flash_attention(q, k, v, query_seq_lengths=n, key_value_seq_lengths=n,
+                                                             **impl), sh, half_flops, repeats),
+            timed("packed", f"full rows ({s})", "ours", lambda q, k, v: pk.flash_attention(q, k, v, **impl), sh,
+                  4.0 * b * d * visible_pairs(s, (None,) * h), repeats),
+        ]
+    return planned
+
+
+def _documents_alone(q, k, v, docs: list[list[int]], impl: dict):
+    """Each document of each row through its own causal call, outputs written back in place."""
+    out = jnp.zeros_like(q)
+    for row, lengths in enumerate(docs):
+        start = 0
+        for n in lengths:
+            part = lambda x: x[row:row + 1, start:start + n]
+            out = out.at[row:row + 1, start:start + n].set(pk.flash_attention(part(q), part(k), part(v), **impl))
+            start += n
+    return out
+
+
+FLEX = "torch flex_attention"
+
+
+def flex_documents(case: str, shape: Shape, docs: list[list[int]], flops_forward: float, repeats: int) -> Result:
+    """FlexAttention (torch.compile'd) with a causal document mask (``create_block_mask``), GQA without repeating
+    K/V, timed by triton."""
+    result = Result("packed", case, FLEX, shape.seq_len)
+    try:
+        import torch
+        import triton
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        result.note = f"not run: torch FlexAttention not importable ({e})"
+        return result
+    try:
+        b, s, h, kvh, d = shape.batch, shape.seq_len, shape.num_heads, shape.num_kv_heads, shape.head_dim
+        doc = torch.tensor(np.stack([np.repeat(np.arange(len(row)), row) for row in docs]), device="cuda")
+
+        def document_causal(batch, head, q_idx, kv_idx):
+            return (doc[batch, q_idx] == doc[batch, kv_idx]) & (q_idx >= kv_idx)
+
+        block_mask = create_block_mask(document_causal, B=b, H=None, Q_LEN=s, KV_LEN=s, device="cuda")
+        flex = torch.compile(flex_attention)
+        dtype = getattr(torch, shape.dtype)
+        make = lambda heads: torch.randn(b, heads, s, d, device="cuda", dtype=dtype, requires_grad=True)
+        q, k, v = make(h), make(kvh), make(kvh)
+        fwd = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+        do = torch.randn_like(q)
+
+        def fwd_bwd():
+            fwd().backward(do)
+
+        result.forward_ms = triton.testing.do_bench(fwd, rep=repeats * 20, return_mode="median")
+        result.forward_backward_ms = triton.testing.do_bench(fwd_bwd, rep=repeats * 20, return_mode="median",
+                                                             grad_to_none=[q, k, v])
+        result.forward_tflops = flops_forward / result.forward_ms / 1e9
+        result.forward_backward_tflops = 3.5 * flops_forward / result.forward_backward_ms / 1e9
+        result.note = "torch peak memory n/a"
+    except Exception as e:  # report, don't abort the run
+        result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return result
+
+
+def options_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool) -> list[Case]:
+    """Causal attention with a logit soft-cap, with sinks and with both, beside the plain call of the same backend
+    (Triton: the backend that serves these options) and, on a GPU, the plain Mosaic call."""
+    planned = []
+    b, d, h = shape.batch, shape.head_dim, shape.num_heads
+    sinks = jnp.linspace(-1.0, 1.0, h, dtype=jnp.float32)
+    for s in seq_lens:
+        sh = dataclasses.replace(shape, seq_len=s)
+        flops = 4.0 * b * d * visible_pairs(s, (None,) * h)
+        variants = [("plain", {}), ("soft-cap 30", {"logits_soft_cap": 30.0}), ("sinks", {"sinks": sinks}),
+                    ("soft-cap 30 + sinks", {"logits_soft_cap": 30.0, "sinks": sinks})]
+        for case, extra in variants:
+            impl = ours(interpret, "pallas_triton", **extra)
+            planned.append(timed("options", f"flash causal, {case}", "pallas_triton",
+                                 lambda q, k, v, o=impl: pk.flash_attention(q, k, v, **o), sh, flops, repeats))
+        if "pallas_mosaic" in SOFTMAX_BACKENDS:
+            planned.append(timed("options", "flash causal, plain", "pallas_mosaic", lambda q, k, v: pk.flash_attention(
+                q, k, v, **ours(interpret, "pallas_mosaic")), sh, flops, repeats))
+    return planned
+
+
 def copy_bandwidth(num_bytes: int, repeats: int) -> float:
     """Bytes per second of an on-device float32 elementwise pass (reads and writes ``num_bytes`` each)."""
     x = jnp.ones((num_bytes // 4,), jnp.float32)
@@ -421,7 +547,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", metavar="S",
                    help="sequence lengths (decode: cache lengths) for every suite; default per suite: softmax 8192"
                         " 32768, multiscale 8192, sparse 4096 16384 65536, linear 8192 32768 131072, decode 4096"
-                        " 32768 131072")
+                        " 32768 131072, packed 8192, options 8192")
     p.add_argument("--window", type=int, default=1024,
                    help="the sliding window; multi-scale's local heads use a quarter, half and all of it"
                         " (default: 1024, or 32 with --quick)")
@@ -437,12 +563,13 @@ def plan(args: argparse.Namespace, interpret: bool) -> tuple[Shape, dict, list[C
     """The shape, the settings recorded in the JSON, and every case of the requested suites."""
     if args.quick:
         shape = Shape(batch=1, seq_len=128, num_heads=4, num_kv_heads=2, head_dim=32, dtype="float32")
-        default_lens = {"softmax": [128], "linear": [128], "sparse": [256], "decode": [256]}
+        default_lens = {"softmax": [128], "linear": [128], "sparse": [256], "decode": [256], "packed": [256],
+                        "options": [128]}
         window, repeats = min(args.window, 32), args.repeats or 2
     else:
         shape = Shape(batch=2, seq_len=8192, num_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
         default_lens = {"softmax": [8192, 32768], "linear": [8192, 32768, 131072], "sparse": [4096, 16384, 65536],
-                        "decode": [4096, 32768, 131072]}
+                        "decode": [4096, 32768, 131072], "packed": [8192], "options": [8192]}
         window, repeats = args.window, args.repeats or 20
     lens = {suite: args.seq_lens or default for suite, default in default_lens.items()}
     decode_batch = 2 if args.quick else 8
@@ -457,6 +584,10 @@ def plan(args: argparse.Namespace, interpret: bool) -> tuple[Shape, dict, list[C
         cases += sparse_suite(shape, lens["sparse"], repeats, interpret)
     if "decode" in args.suites:
         cases += decode_suite(shape, lens["decode"], decode_batch, window, repeats, interpret)
+    if "packed" in args.suites:
+        cases += packed_suite(shape, lens["packed"], repeats, interpret)
+    if "options" in args.suites:
+        cases += options_suite(shape, lens["options"], repeats, interpret)
     settings = {"shape": dataclasses.asdict(shape), "window": window, "repeats": repeats, "decode_batch": decode_batch}
     return shape, settings, cases
 
