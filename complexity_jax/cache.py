@@ -6,14 +6,21 @@
 - ``MultiScaleCache``: a ``KVCache`` for the key/value heads that serve a global head, ``RingCache``s for the
   key/value heads whose query heads are all local.
 
-Running out of room never overwrites. Eagerly, a growable ``KVCache`` (the one a call without a cache
-returns) grows, a preallocated one (``init_cache``) raises ``CacheFullError``. Under ``jit`` (or inside
-``lax.scan``) the length is traced, so:
+Every cache counts positions per batch row: ``length`` is an int32 ``[batch]`` array (rows of a ragged batch
+hold different lengths; each row continues at its own position). A call of ``t`` tokens may carry right padding:
+``valid [batch]`` of them are real in each row, the length grows by ``valid``.
+
+Running out of room never overwrites. A ``KVCache`` writes all ``t`` tokens of a call (padding included, past the
+row's new length, where nothing reads them and the next call overwrites them), so each row needs ``t`` free slots.
+Eagerly, when any row lacks them, a growable ``KVCache`` (the one a call without a cache returns) grows, a
+preallocated one (``init_cache``) raises ``CacheFullError``. Under ``jit`` (or inside ``lax.scan``) the length is
+traced, so:
 
 - a growable cache cannot grow: continuing one there raises ``ValueError`` at trace time, naming ``init_cache``
   (it holds exactly the positions seen, so every new token would overflow);
-- a preallocated cache that runs out of room skips the write and sets ``overflow``; the outputs of that call
-  and of every later one are then invalid, and ``check_cache`` raises on the flag. ``generate`` checks it.
+- in a preallocated cache, each row that runs out of room skips its write and keeps its length, and ``overflow``
+  (one flag for the whole batch) is set; the outputs of that call and of every later one are then invalid, and
+  ``check_cache`` raises on the flag. ``generate`` checks it.
 """
 
 from __future__ import annotations
@@ -40,13 +47,26 @@ def _is_concrete(x: Array) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _valid_counts(valid: Int[Array, "b"] | None, batch: int, t: int) -> Int[Array, "b"]:
+    """How many of a call's ``t`` tokens are real in each row (``t`` everywhere by default)."""
+    if valid is None:
+        return jnp.full((batch,), t, jnp.int32)
+    return jnp.asarray(valid, jnp.int32)
+
+
+def _write_rows(buf: Float[Array, "b n kvh d"], new: Float[Array, "b t kvh d"], slots: Int[Array, "b t"]) -> Array:
+    """``buf[r, slots[r, i]] = new[r, i]`` per row; a slot out of ``[0, n)`` drops its write (a scatter whose batch
+    axis stays a parallel axis, so a batch-sharded cache is written in place on each device)."""
+    return jax.vmap(lambda b, n, s: b.at[s].set(n.astype(b.dtype), mode="drop"))(buf, new, slots)
+
+
 @struct.dataclass
 class KVCache:
-    """Keys/values of every position so far; slots ``[0, length)`` are filled."""
+    """Keys/values of every position so far; row ``r`` has its slots ``[0, length[r])`` filled."""
 
     keys: Float[Array, "b capacity kvh d"]
     values: Float[Array, "b capacity kvh d"]
-    length: Int[Array, ""]
+    length: Int[Array, "b"]
     overflow: Bool[Array, ""]
     growable: bool = struct.field(pytree_node=False, default=False)
 
@@ -55,7 +75,7 @@ class KVCache:
         shape = (batch, capacity, num_kv_heads, head_dim)
         # A growable cache is made by a prefill, which writes it at once: its length is a concrete (numpy) zero, also
         # under jit, so that first write is not taken for a traced continuation. A preallocated one holds arrays.
-        length = np.zeros((), np.int32) if growable else jnp.zeros((), jnp.int32)
+        length = np.zeros((batch,), np.int32) if growable else jnp.zeros((batch,), jnp.int32)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), length, jnp.zeros((), jnp.bool_), growable)
 
     @property
@@ -67,9 +87,12 @@ class KVCache:
         pad = [(0, 0), (0, capacity - self.capacity), (0, 0), (0, 0)]
         return self.replace(keys=jnp.pad(self.keys, pad), values=jnp.pad(self.values, pad))
 
-    def append(self, keys: Float[Array, "b t kvh d"], values: Float[Array, "b t kvh d"]) -> KVCache:
-        """Writes ``t`` new positions after ``length`` (see the module docstring for a full cache)."""
-        t = keys.shape[1]
+    def append(self, keys: Float[Array, "b t kvh d"], values: Float[Array, "b t kvh d"],
+               valid: Int[Array, "b"] | None = None) -> KVCache:
+        """Writes ``t`` new positions into each row after its own ``length``; ``valid [b]`` (default ``t``) of them
+        are real tokens, the rest right padding: all ``t`` are written (so each row needs ``t`` free slots) and the
+        row's length grows by ``valid``. See the module docstring for a full cache."""
+        b, t = keys.shape[:2]
         cache = self
         if self.growable and not _is_concrete(self.length):
             raise ValueError(
@@ -77,40 +100,41 @@ class KVCache:
                 " only eagerly, so under jax.jit / lax.scan (traced length) every new token would overflow it;"
                 " preallocate one with init_cache(batch_size, max_length) and pass it to the first call"
             )
-        if _is_concrete(self.length) and int(self.length) + t > self.capacity:
-            if not self.growable:
-                raise CacheFullError(
-                    f"the cache holds {int(self.length)} of {self.capacity} positions and cannot take {t} more;"
-                    " allocate a larger one with init_cache(max_length=...)"
-                )
-            cache = self._grown(int(self.length) + t)
+        if _is_concrete(self.length):
+            lengths = np.asarray(self.length)
+            row = int(np.argmax(lengths))
+            if int(lengths[row]) + t > self.capacity:
+                if not self.growable:
+                    raise CacheFullError(
+                        f"row {row} of the cache holds {int(lengths[row])} of {self.capacity} positions and cannot"
+                        f" take {t} more; allocate a larger one with init_cache(max_length=...)"
+                    )
+                cache = self._grown(int(lengths[row]) + t)
         if t > cache.capacity:
             raise CacheFullError(f"{t} new tokens do not fit a cache of capacity {cache.capacity}")
-        fits = cache.length + t <= cache.capacity
-        start = (0, cache.length, 0, 0)
-        write = lambda buf, new: jax.lax.cond(
-            fits, lambda: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start), lambda: buf
-        )
+        fits = cache.length + t <= cache.capacity  # [b]
+        slots = jnp.where(fits[:, None], cache.length[:, None] + jnp.arange(t, dtype=jnp.int32), cache.capacity)
         return cache.replace(
-            keys=write(cache.keys, keys),
-            values=write(cache.values, values),
-            length=jnp.where(fits, cache.length + t, cache.length),
-            overflow=cache.overflow | ~fits,
+            keys=_write_rows(cache.keys, keys, slots),
+            values=_write_rows(cache.values, values, slots),
+            length=jnp.where(fits, cache.length + _valid_counts(valid, b, t), cache.length),
+            overflow=cache.overflow | ~jnp.all(fits),
         )
 
 
 @struct.dataclass
 class RingCache:
-    """The last ``window`` keys/values of a sliding window; position ``p`` lives in slot ``p % window``."""
+    """The last ``window`` keys/values of a sliding window; position ``p`` of row ``r`` lives in slot ``p % window``
+    of that row (``length[r]`` positions seen)."""
 
     keys: Float[Array, "b window kvh d"]
     values: Float[Array, "b window kvh d"]
-    length: Int[Array, ""]
+    length: Int[Array, "b"]
 
     @classmethod
     def zeros(cls, batch: int, window: int, num_kv_heads: int, head_dim: int, dtype):
         shape = (batch, window, num_kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     @property
     def window(self) -> int:
@@ -120,31 +144,36 @@ class RingCache:
     def overflow(self) -> Bool[Array, ""]:
         return jnp.zeros((), jnp.bool_)
 
-    def slot_positions(self) -> Int[Array, "window"]:
-        """The absolute position held by each slot, -1 where the slot is still empty."""
-        slots = jnp.arange(self.window, dtype=jnp.int32)
-        last = self.length - 1
+    def slot_positions(self) -> Int[Array, "b window"]:
+        """The absolute position held by each slot of each row, -1 where the slot is still empty."""
+        slots = jnp.arange(self.window, dtype=jnp.int32)[None, :]
+        last = self.length[:, None] - 1
         pos = last - jnp.mod(last - slots, self.window)
         return jnp.where(pos >= 0, pos, -1)
 
-    def append(self, keys: Float[Array, "b t kvh d"], values: Float[Array, "b t kvh d"]) -> RingCache:
-        """Writes ``t`` new positions; only the last ``window`` of them can matter later."""
-        keep = min(keys.shape[1], self.window)
-        positions = self.length + keys.shape[1] - keep + jnp.arange(keep, dtype=jnp.int32)
-        slots = jnp.mod(positions, self.window)
+    def append(self, keys: Float[Array, "b t kvh d"], values: Float[Array, "b t kvh d"],
+               valid: Int[Array, "b"] | None = None) -> RingCache:
+        """Writes ``t`` new positions per row after its own ``length``; ``valid [b]`` (default ``t``) of them are real
+        tokens (right padding after, never written). Only the last ``window`` real ones of each row can matter
+        later."""
+        b, t = keys.shape[:2]
+        valid = _valid_counts(valid, b, t)
+        r = jnp.arange(t, dtype=jnp.int32)[None, :]
+        keep = (r < valid[:, None]) & (r >= valid[:, None] - self.window)
+        slots = jnp.where(keep, jnp.mod(self.length[:, None] + r, self.window), self.window)
         return self.replace(
-            keys=self.keys.at[:, slots].set(keys[:, -keep:].astype(self.keys.dtype)),
-            values=self.values.at[:, slots].set(values[:, -keep:].astype(self.values.dtype)),
-            length=self.length + keys.shape[1],
+            keys=_write_rows(self.keys, keys, slots),
+            values=_write_rows(self.values, values, slots),
+            length=self.length + valid,
         )
 
 
 @struct.dataclass
 class LinearCache:
-    """The recurrent state of linear attention after ``length`` tokens."""
+    """The recurrent state of linear attention of each row after its ``length[r]`` tokens."""
 
     state: LinearState
-    length: Int[Array, ""]
+    length: Int[Array, "b"]
 
     @property
     def overflow(self) -> Bool[Array, ""]:
@@ -216,8 +245,9 @@ class MultiScaleCache:
 
     ``parts`` lists the ``CachePart``s (rings first, then the full part, i.e. in key/value-head order) and is
     static pytree metadata, not traced. ``overflow`` is the full part's flag (rings never overflow);
-    ``length`` counts the positions seen (the full part's count: after an overflow under ``jit`` it stops, as
-    a ``KVCache``'s does, while the rings go on; the outputs are then invalid and ``check_cache`` raises).
+    ``length [b]`` counts the positions seen by each row (the full part's count: after an overflow under ``jit`` a
+    row's count stops, as a ``KVCache``'s does, while the rings go on; the outputs are then invalid and
+    ``check_cache`` raises).
     """
 
     full: KVCache | None
@@ -242,7 +272,7 @@ class MultiScaleCache:
         return tuple(self.full if part.ring is None else next(rings) for part in self.parts)
 
     @property
-    def length(self) -> Int[Array, ""]:
+    def length(self) -> Int[Array, "b"]:
         return (self.full if self.full is not None else self.rings[0]).length
 
     @property
@@ -258,9 +288,10 @@ class MultiScaleCache:
         """Positions the full part can hold (``None`` without one: the rings never run out of room)."""
         return None if self.full is None else self.full.capacity
 
-    def append(self, keys: Float[Array, "b t kvh d"], values: Float[Array, "b t kvh d"]) -> MultiScaleCache:
-        """Writes ``t`` new positions of every key/value head into its part."""
-        new = [c.append(keys[:, :, p.kv_start:p.kv_stop], values[:, :, p.kv_start:p.kv_stop])
+    def append(self, keys: Float[Array, "b t kvh d"], values: Float[Array, "b t kvh d"],
+               valid: Int[Array, "b"] | None = None) -> MultiScaleCache:
+        """Writes ``t`` new positions of every key/value head into its part (``valid`` as in ``KVCache.append``)."""
+        new = [c.append(keys[:, :, p.kv_start:p.kv_stop], values[:, :, p.kv_start:p.kv_stop], valid)
                for p, c in zip(self.parts, self.part_caches())]
         full = next((c for p, c in zip(self.parts, new) if p.ring is None), None)
         rings = tuple(c for p, c in zip(self.parts, new) if p.ring is not None)
@@ -298,7 +329,8 @@ def check_cache_fits(cache: Any, template: Cache) -> None:
     """Raises ``TypeError``/``ValueError`` unless ``cache`` can continue a layer whose own cache looks like
     ``template`` (shapes only, e.g. from ``jax.eval_shape``): the same class (and multi-scale layout), floating
     buffers of the same batch, key/value heads, head_dim and ring size (a ``KVCache``'s capacity may differ) and
-    a scalar integer ``length``. A cache of another layer's settings would otherwise be read as garbage."""
+    an integer ``length`` of shape ``[batch]`` (one length per row). A cache of another layer's settings would
+    otherwise be read as garbage."""
     name = type(template).__name__
     if type(cache) is not type(template):
         raise TypeError(
@@ -315,8 +347,11 @@ def check_cache_fits(cache: Any, template: Cache) -> None:
             check_cache_fits(part, want)
         return
     length = getattr(cache, "length", None)
-    if getattr(length, "shape", None) != () or not jnp.issubdtype(length.dtype, jnp.integer):
-        raise TypeError(f"cache.length must be a scalar integer array, got {length!r}")
+    if len(getattr(length, "shape", ())) != 1 or not jnp.issubdtype(length.dtype, jnp.integer):
+        raise TypeError(
+            "cache.length must be an integer array of shape [batch] (each row's own length; a scalar length is"
+            f" not accepted), got {length!r}"
+        )
     for field, axes in _AXES[type(template)].items():
         got, want = _field(cache, field), _field(template, field)
         if not jnp.issubdtype(got.dtype, jnp.floating):
@@ -332,6 +367,11 @@ def check_cache_fits(cache: Any, template: Cache) -> None:
                 f"cache.{field} has shape {tuple(got.shape)}, but this layer and input need [{need}]: the cache"
                 " comes from a layer with other settings or another batch size"
             )
+    if length.shape != template.length.shape:
+        raise ValueError(
+            f"cache.length has shape {tuple(length.shape)}, but this input needs [batch={template.length.shape[0]}]:"
+            " the cache comes from another batch size"
+        )
 
 
 def _field(cache: Any, dotted: str) -> Any:

@@ -2,7 +2,8 @@
 
 The layers' projection kernels have Flax logical axes (``layers.PROJECTION_AXES``, boxed into the parameters with
 ``logical_partitioning=True``): q/k/v projections ``("embed", "heads" | "kv_heads")``, the output projection
-``("heads", "embed")``. ``LOGICAL_AXIS_RULES`` maps them
+``("heads", "embed")``; the attention sinks of ``use_sinks=True`` layers ``("heads",)`` (``layers.PARAMETER_AXES``).
+``LOGICAL_AXIS_RULES`` maps them
 onto a mesh with axes ``"data"`` and ``"model"``: batch over ``"data"``, heads over ``"model"``, the model width
 whole. Under ``jax.jit`` with inputs and parameters placed this way the attention kernels run each device's batch
 rows and heads locally (``pallas_kernels._partitioning``); the only collectives are those of the output projection
@@ -18,7 +19,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from complexity_jax.layers import PROJECTION_AXES
+from complexity_jax.layers import PARAMETER_AXES
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
@@ -30,13 +31,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 
 def logical_specs(params: Any) -> Any:
     """The logical ``PartitionSpec`` of every parameter: from the boxes of ``logical_partitioning=True`` layers, else
-    from the projection names (``layers.PROJECTION_AXES``; anything else replicated)."""
+    from the parameter names (``layers.PARAMETER_AXES``: projections and sinks; anything else replicated)."""
 
     def spec(path, leaf) -> P:
         if isinstance(leaf, nn.LogicallyPartitioned):
             return P(*leaf.names)
         names = [getattr(key, "key", None) for key in path]
-        return next((P(*PROJECTION_AXES[n]) for n in reversed(names) if n in PROJECTION_AXES), P())
+        return next((P(*PARAMETER_AXES[n]) for n in reversed(names) if n in PARAMETER_AXES), P())
 
     return jax.tree_util.tree_map_with_path(spec, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
@@ -48,8 +49,8 @@ def param_shardings(params: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
 
 def cache_shardings(cache: Any, mesh: Mesh, batch_axis: str | None = "data", head_axis: str | None = "model") -> Any:
     """``NamedSharding`` of every array of a layer's cache: keys/values ``[b, length, kv_heads, d]`` and linear states
-    ``[b, kv_heads, ...]`` over ``batch_axis`` and ``head_axis`` (heads only where they split evenly), counters
-    replicated."""
+    ``[b, kv_heads, ...]`` over ``batch_axis`` and ``head_axis``, per-row lengths ``[b]`` over ``batch_axis`` (each
+    only where it splits evenly), scalars (the overflow flag) replicated."""
 
     def fits(axis: str | None, size: int) -> str | None:
         return axis if axis is not None and size % mesh.shape[axis] == 0 else None
@@ -58,6 +59,8 @@ def cache_shardings(cache: Any, mesh: Mesh, batch_axis: str | None = "data", hea
         names = {getattr(key, "name", None) for key in path}
         if leaf.ndim == 0:
             spec = P()
+        elif leaf.ndim == 1:  # per-row lengths [b]
+            spec = P(fits(batch_axis, leaf.shape[0]))
         elif "state" in names:  # LinearState: [b, kv_heads, d(, d)]
             spec = P(fits(batch_axis, leaf.shape[0]), fits(head_axis, leaf.shape[1]))
         else:  # keys / values: [b, length, kv_heads, d]
