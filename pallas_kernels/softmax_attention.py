@@ -94,6 +94,9 @@ class _Options(NamedTuple):
         return reference.softmax_attention(q, k, v, visible, scale, self.logits_soft_cap, self.sinks)
 
 
+_NO_OPTIONS = _Options(None, None, None)
+
+
 def _options(q, k, q_segment_ids, kv_segment_ids, query_seq_lengths, key_value_seq_lengths, logits_soft_cap,
              sinks) -> _Options:
     batch, q_len, num_heads, _ = q.shape
@@ -149,7 +152,9 @@ def _backward_backend(forward_backend: str, q, k, mask: WindowMask) -> str:
     return forward_backend
 
 
-def _window_kernels(q, k, mask: WindowMask, interpret: bool, kernel_config, options: _Options) -> dict[str, str | None]:
+def _window_kernels(
+    q, k, mask: WindowMask, interpret: bool, kernel_config, options: _Options = _NO_OPTIONS
+) -> dict[str, str | None]:
     """Each Pallas backend: ``None`` if it serves this call, else why not."""
     dtype_reason = kernel_dtype_reason(q, k)
     mosaic = options.unsupported_by_mosaic() or dtype_reason or mosaic_softmax.unsupported_reason(q, k, mask)
