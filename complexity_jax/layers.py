@@ -417,9 +417,9 @@ class SparseAttention(_KVCacheAttention):
         )
 
     def attend_cached(self, q, cache, lengths, q_pos, k_pos):
-        num_blocks = -(-cache.capacity // self.block_size)
-        return pk.attention_at_positions(q, cache.keys.astype(q.dtype), cache.values.astype(q.dtype),
-                                         q_pos, k_pos, self.mask, num_blocks=num_blocks, **self.op_options)
+        # The decode op draws the random blocks for cdiv(capacity, block_size) query blocks, as the prefill did.
+        return pk.decode_attention(q, cache.keys.astype(q.dtype), cache.values.astype(q.dtype), lengths,
+                                   sparse_mask=self.mask, **self.op_options)
 
 
 class MultiScaleAttention(Attention):
