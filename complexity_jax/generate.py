@@ -59,7 +59,8 @@ def generate(
     max_length: int | None = None,
     prompt_lengths: Int[Array, "b"] | None = None,
 ) -> tuple[Float[Array, "b s hidden"], Float[Array, "b n hidden"], tuple[Any, ...]]:
-    """Prefills ``prompt`` into preallocated caches, then decodes ``num_steps`` tokens in one jitted scan.
+    """Prefills ``prompt`` into preallocated caches, then decodes ``num_steps`` tokens in a ``lax.scan``: one jitted
+    function (compiled per shape of ``prompt``, ``num_steps`` and ``max_length``).
 
     ``prompt_lengths [b]`` (int, each in ``[1, s]``; default: every row ``s``): ragged prompts, right-padded to
     ``[b, s, hidden]``; row ``r``'s prompt is ``prompt[r, :prompt_lengths[r]]`` and the padding is never seen.
@@ -80,24 +81,25 @@ def generate(
                 f"prompt_lengths must lie in [1, {length}] (each row needs a prompt token to start from), got"
                 f" {prompt_lengths.tolist()}"
             )
-    caches = stack.init_cache(batch, max_length, prompt.dtype)
-    prefill_out, caches = stack.apply(params, prompt, caches, lengths=prompt_lengths)
-    if prompt_lengths is None:
-        first = prefill_out[:, -1:]
-    else:
-        first = jnp.take_along_axis(prefill_out, (prompt_lengths - 1)[:, None, None], axis=1)
 
     @jax.jit
-    def decode(caches, first):
+    def run(params, prompt, prompt_lengths):
+        caches = stack.init_cache(batch, max_length, prompt.dtype)
+        prefill_out, caches = stack.apply(params, prompt, caches, lengths=prompt_lengths)
+        if prompt_lengths is None:
+            first = prefill_out[:, -1:]
+        else:  # each row's output at its own last prompt token
+            first = jnp.take_along_axis(prefill_out, (prompt_lengths - 1)[:, None, None], axis=1)
+
         def step(carry, _):
             caches, x = carry
             y, caches = stack.apply(params, x, caches)
             return (caches, y), y[:, 0]
 
         (caches, _), ys = jax.lax.scan(step, (caches, first), None, length=num_steps)
-        return jnp.swapaxes(ys, 0, 1), caches
+        return prefill_out, jnp.swapaxes(ys, 0, 1), caches
 
-    decoded, caches = decode(caches, first)
+    prefill_out, decoded, caches = run(params, prompt, prompt_lengths)
     for cache in caches:
         check_cache(cache)
     return prefill_out, decoded, caches
