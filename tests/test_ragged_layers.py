@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from complexity_jax import CUDA, CacheFullError, KVCache, MultiScaleAttention, SparseAttention, check_cache
 from complexity_jax.generate import AttentionStack, generate
 from complexity_jax.rope import apply_rope
-from complexity_jax.sharding import logical_specs
+from complexity_jax.sharding import cache_shardings, logical_specs, param_shardings
 from tests.conftest import IMPLEMENTATIONS, relerr, scan_decode
 
 HIDDEN, HEADS, KV_HEADS = 16, 4, 2
@@ -197,6 +198,11 @@ def test_sinks_are_a_heads_parameter_when_boxed():
     assert isinstance(box, nn.LogicallyPartitioned) and box.names == ("heads",) and box.value.shape == (HEADS,)
     assert logical_specs(params)["params"]["sinks"] == P("heads")
     assert logical_specs(nn.meta.unbox(params))["params"]["sinks"] == P("heads")
+    if jax.device_count() >= 8:  # the sinks split over "model" with the heads; per-row lengths over "data"
+        mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+        assert param_shardings(params, mesh)["params"]["sinks"].spec == P("model")
+        cache = attn.init_cache(4, 8)
+        assert cache_shardings(cache, mesh).length.spec == P("data")
     out, _ = attn.apply(params, jnp.ones((1, 3, HIDDEN)))
     assert np.allclose(out, attn.apply(nn.meta.unbox(params), jnp.ones((1, 3, HIDDEN)))[0])
 
