@@ -256,7 +256,6 @@ def fla_linear(shape: Shape, flops_forward: float, repeats: int) -> Result:
     result = Result("linear", "causal elu", FLA, shape.seq_len)
     try:
         import torch
-        import triton
         from fla.ops.linear_attn import chunk_linear_attn
     except ImportError as e:
         result.note = f"not run: fla not importable ({e}); pip install fla-core on a GPU machine"
@@ -268,20 +267,29 @@ def fla_linear(shape: Shape, flops_forward: float, repeats: int) -> Result:
         q, k, v = make(), make(), make()
         phi = lambda x: torch.nn.functional.elu(x) + 1
         fwd = lambda: chunk_linear_attn(phi(q), phi(k), v, scale=1.0, normalize=True)[0]
-        do = torch.randn_like(q)
-
-        def fwd_bwd():
-            fwd().backward(do)
-
-        result.forward_ms = triton.testing.do_bench(fwd, rep=repeats * 20, return_mode="median")
-        result.forward_backward_ms = triton.testing.do_bench(fwd_bwd, rep=repeats * 20, return_mode="median",
-                                                             grad_to_none=[q, k, v])
-        result.forward_tflops = flops_forward / result.forward_ms / 1e9
-        result.forward_backward_tflops = 3.5 * flops_forward / result.forward_backward_ms / 1e9
-        result.note = "torch peak memory n/a"
+        time_torch(result, fwd, (q, k, v), flops_forward, repeats)
     except Exception as e:  # report, don't abort the run
         result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     return result
+
+
+def time_torch(result: Result, fwd: Callable, inputs: tuple, flops_forward: float, repeats: int) -> None:
+    """Fills ``result`` with the median times (triton's ``do_bench``) of a torch peer's ``fwd()`` and of its forward
+    and backward to ``inputs``, and the TFLOP/s they give."""
+    import torch
+    import triton
+
+    do = torch.randn_like(inputs[0])
+
+    def fwd_bwd():
+        fwd().backward(do)
+
+    result.forward_ms = triton.testing.do_bench(fwd, rep=repeats * 20, return_mode="median")
+    result.forward_backward_ms = triton.testing.do_bench(fwd_bwd, rep=repeats * 20, return_mode="median",
+                                                         grad_to_none=list(inputs))
+    result.forward_tflops = flops_forward / result.forward_ms / 1e9
+    result.forward_backward_tflops = 3.5 * flops_forward / result.forward_backward_ms / 1e9
+    result.note = "torch peak memory n/a"
 
 
 def sparse_visible_pairs(mask: pk.SparseMask, seq_len: int) -> int:
@@ -391,7 +399,6 @@ def flex_documents(case: str, shape: Shape, docs: list[list[int]], flops_forward
     result = Result("packed", case, FLEX, shape.seq_len)
     try:
         import torch
-        import triton
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
         result.note = f"not run: torch FlexAttention not importable ({e})"
@@ -409,17 +416,7 @@ def flex_documents(case: str, shape: Shape, docs: list[list[int]], flops_forward
         make = lambda heads: torch.randn(b, heads, s, d, device="cuda", dtype=dtype, requires_grad=True)
         q, k, v = make(h), make(kvh), make(kvh)
         fwd = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-        do = torch.randn_like(q)
-
-        def fwd_bwd():
-            fwd().backward(do)
-
-        result.forward_ms = triton.testing.do_bench(fwd, rep=repeats * 20, return_mode="median")
-        result.forward_backward_ms = triton.testing.do_bench(fwd_bwd, rep=repeats * 20, return_mode="median",
-                                                             grad_to_none=[q, k, v])
-        result.forward_tflops = flops_forward / result.forward_ms / 1e9
-        result.forward_backward_tflops = 3.5 * flops_forward / result.forward_backward_ms / 1e9
-        result.note = "torch peak memory n/a"
+        time_torch(result, fwd, (q, k, v), flops_forward, repeats)
     except Exception as e:  # report, don't abort the run
         result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     return result
