@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from jaxtyping import Array, Float
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
 
 from pallas_kernels import reference
 from pallas_kernels._autodiff import forward_mode_guard
@@ -30,6 +33,62 @@ def _check_state(state: LinearState, batch: int, num_kv_heads: int, head_dim: in
     return LinearState(kv, k_sum)
 
 
+def _as_int_array(name: str, value, what: str) -> Array:
+    """``value`` as an array of an integer dtype (a list of ints is accepted), else a ``TypeError`` naming it."""
+    if not hasattr(value, "dtype"):
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{name} must be an integer array {what}, got {type(value).__name__}") from error
+    if jnp.dtype(value.dtype) == jnp.bool_ or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array {what}, got dtype {value.dtype}")
+    return value
+
+
+def _check_segment_ids(name: str, ids, batch: int, seq_len: int) -> Array | None:
+    """Segment ids ``[batch, seq_len]`` of an integer dtype (any values: only equality of neighbours counts)."""
+    if ids is None:
+        return None
+    ids = _as_int_array(name, ids, f"[batch, seq_len] = [{batch}, {seq_len}]")
+    if ids.shape != (batch, seq_len):
+        raise ValueError(f"{name} must have shape [batch, seq_len] = [{batch}, {seq_len}], got {ids.shape}")
+    return ids
+
+
+def _check_seq_lengths(name: str, lengths, batch: int, seq_len: int) -> Array | None:
+    """Lengths ``[batch]`` of an integer dtype, each in ``[0, seq_len]`` where they are concrete."""
+    if lengths is None:
+        return None
+    lengths = _as_int_array(name, lengths, f"[batch] = [{batch}]")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape [batch] = [{batch}], got {lengths.shape}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        bad = (values < 0) | (values > seq_len)
+        if bad.any():
+            raise ValueError(
+                f"{name} must lie in [0, {seq_len}] (the sequence length), got {values.tolist()} (rows"
+                f" {np.flatnonzero(bad).tolist()} out of range)"
+            )
+    return lengths
+
+
+def _linear_segment_ids(q_segment_ids, kv_segment_ids, batch: int, seq_len: int) -> Array | None:
+    """The one segment-id array of linear attention (queries and keys are the same positions): ``q_segment_ids``,
+    else ``kv_segment_ids``; given both, they must be equal (compared where both are concrete)."""
+    q_ids = _check_segment_ids("q_segment_ids", q_segment_ids, batch, seq_len)
+    kv_ids = _check_segment_ids("kv_segment_ids", kv_segment_ids, batch, seq_len)
+    if q_ids is None or kv_ids is None or q_ids is kv_ids:
+        return kv_ids if q_ids is None else q_ids
+    if not isinstance(q_ids, jax.core.Tracer) and not isinstance(kv_ids, jax.core.Tracer):
+        if not np.array_equal(np.asarray(q_ids), np.asarray(kv_ids)):
+            raise ValueError(
+                "linear attention has one sequence: kv_segment_ids must equal q_segment_ids (or be left None), got"
+                f" q_segment_ids {np.asarray(q_ids).tolist()} and kv_segment_ids {np.asarray(kv_ids).tolist()}"
+            )
+    return q_ids
+
+
 def linear_attention(
     q: Float[Array, "b s h d"],
     k: Float[Array, "b s kvh d"],
@@ -38,6 +97,10 @@ def linear_attention(
     causal: bool = True,
     initial_state: LinearState | None = None,
     *,
+    q_segment_ids: Int[Array, "b s"] | None = None,
+    kv_segment_ids: Int[Array, "b s"] | None = None,
+    query_seq_lengths: Int[Array, " b"] | None = None,
+    key_value_seq_lengths: Int[Array, " b"] | None = None,
     implementation: str = "auto",
     interpret: bool = False,
 ) -> tuple[Float[Array, "b s h d"], LinearState]:
@@ -47,6 +110,21 @@ def linear_attention(
     Non-causal: the sums run over every ``j``. Returns the output and the final state
     ``(S [b, kv_heads, d, d], z [b, kv_heads, d])`` in float32, which continues the sequence when passed
     back as ``initial_state``.
+
+    Packed sequences and padding (both paths; XLA and the Pallas kernels compute the same function):
+
+    - ``q_segment_ids`` int ``[b, s]`` (``kv_segment_ids``, the same positions, defaults to it and must equal it if
+      both are given): query i reads key j only if both lie in the same segment, a contiguous run of equal ids (an
+      id that comes back after another one starts a NEW segment). The state restarts from zero at each segment
+      start, so a packed row computes what each segment computes alone; ``initial_state`` belongs to each row's
+      FIRST segment only (the one that continues the earlier sequence). Non-causal: each query sums over its whole
+      segment (both directions).
+    - ``query_seq_lengths`` / ``key_value_seq_lengths`` int ``[b]``, in ``[0, s]``: keys at ``j >=
+      key_value_seq_lengths[b]`` count nowhere (nor do they start a segment); queries at ``i >=
+      query_seq_lengths[b]`` output zeros and pass zero gradient.
+    - The returned state is that of the segment open at each row's last valid key (``initial_state`` itself when
+      the row has no valid key), i.e. after its last valid token: passed back as ``initial_state`` it continues
+      that segment.
     """
     check_choice("feature_map", feature_map, FEATURE_MAPS)
     check_attention_inputs(q, k, v, causal=False)
@@ -55,11 +133,17 @@ def linear_attention(
         raise ValueError(f"linear attention needs q_len == kv_len, got {q.shape[1]} and {k.shape[1]}")
     if initial_state is not None:
         initial_state = _check_state(initial_state, q.shape[0], k.shape[2], q.shape[3])
-    head_dim = q.shape[3]
+    batch, seq_len, _, head_dim = q.shape
+    packing = dict(
+        segment_ids=_linear_segment_ids(q_segment_ids, kv_segment_ids, batch, seq_len),
+        query_lengths=_check_seq_lengths("query_seq_lengths", query_seq_lengths, batch, seq_len),
+        kv_lengths=_check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch, seq_len),
+    )
     unsupported = kernel_dtype_reason(q, k, v)
     if not (head_dim >= 16 and head_dim & (head_dim - 1) == 0):
         unsupported = f"the kernel's matrix products need a power-of-two head_dim >= 16, got {head_dim}"
     if use_pallas(implementation, "linear_attention", unsupported):
         return forward_mode_guard("linear_attention", (q, k, v, initial_state), lambda: triton_linear.linear_attention(
-            q, k, v, feature_map=feature_map, causal=causal, initial_state=initial_state, interpret=interpret))
-    return reference.linear_attention(q, k, v, feature_map, causal, initial_state)
+            q, k, v, feature_map=feature_map, causal=causal, initial_state=initial_state, interpret=interpret,
+            **packing))
+    return reference.linear_attention(q, k, v, feature_map, causal, initial_state, **packing)

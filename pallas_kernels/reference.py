@@ -168,8 +168,18 @@ def linear_attention(
     causal: bool,
     initial_state: LinearState | None,
     chunk_size: int = 64,
+    segment_ids: Int[Array, "b s"] | None = None,
+    query_lengths: Int[Array, "b"] | None = None,
+    kv_lengths: Int[Array, "b"] | None = None,
 ) -> tuple[Float[Array, "b s h d"], LinearState]:
-    """Katharopoulos et al. linear attention with a carried state (see ``pallas_kernels.linear_attention``)."""
+    """Katharopoulos et al. linear attention with a carried state (see ``pallas_kernels.linear_attention``).
+
+    Packed and padded rows are masks on the chunked scan (``_linear_packing``): queries at or past
+    ``query_lengths`` and keys at or past ``kv_lengths`` get a zero feature vector; a query reads the keys of its
+    own segment and the carried state only if that is its segment's; the state restarts where a valid key opens a
+    new segment. Non-causal: the same scan plus the keys after each query in its segment, from a scan over the
+    reversed sequence.
+    """
     b, s, h, d = q.shape
     kvh = k.shape[2]
     group = h // kvh
@@ -181,8 +191,9 @@ def linear_attention(
     state = zero_linear_state(b, kvh, d) if initial_state is None else initial_state
     # Inside shard_map the carry must vary over the same mesh axes as the inputs.
     kv0, ksum0 = (vary_like(x.astype(acc), fk) for x in state)
+    packed = not (segment_ids is None and query_lengths is None and kv_lengths is None)
 
-    if not causal:
+    if not causal and not packed:
         kv = kv0 + jnp.einsum("bshd,bshe->bhde", fk, vf)
         ksum = ksum0 + jnp.sum(fk, axis=1)
         num = jnp.einsum("bshgd,bhde->bshge", fq, kv)
@@ -190,27 +201,104 @@ def linear_attention(
         out = num / (den[..., None] + LINEAR_EPS)
         return out.reshape(b, s, h, d).astype(q.dtype), LinearState(kv, ksum)
 
+    segments = None
+    if packed:
+        seg, q_valid, k_valid = _linear_packing(segment_ids, query_lengths, kv_lengths, b, s)
+        fq = jnp.where(q_valid[:, :, None, None, None], fq, 0)
+        fk = jnp.where(k_valid[:, :, None, None], fk, 0)
+        segments = (seg, k_valid)
     chunk = min(chunk_size, s)
+    num, den, final = _linear_scan(fq, fk, vf, kv0, ksum0, chunk, segments)
+    if not causal:
+        # Each query also reads the later keys of its segment: a strict causal scan over the reversed sequence
+        # (segment numbers negated to increase again), from a zero state.
+        flip = lambda x: jnp.flip(x, axis=1)
+        zeros = (jnp.zeros_like(kv0), jnp.zeros_like(ksum0))
+        num_r, den_r, _ = _linear_scan(flip(fq), flip(fk), flip(vf), *zeros, chunk, (-flip(seg), flip(k_valid)),
+                                       strict=True)
+        num, den = num + flip(num_r), den + flip(den_r)
+    out = num / (den[..., None] + LINEAR_EPS)
+    return out.reshape(b, s, h, d).astype(q.dtype), LinearState(*final)
+
+
+def _linear_packing(
+    segment_ids: Int[Array, "b s"] | None, query_lengths: Int[Array, "b"] | None, kv_lengths: Int[Array, "b"] | None,
+    batch: int, seq_len: int,
+) -> tuple[Int[Array, "b s"], Bool[Array, "b s"], Bool[Array, "b s"]]:
+    """The segment number of every position (0 for the row's first run of equal ids, +1 wherever the id changes:
+    an id that comes back after another one starts a new segment) and which queries and keys are valid (before
+    ``query_lengths`` / ``kv_lengths``)."""
+    if segment_ids is None:
+        seg = jnp.zeros((batch, seq_len), jnp.int32)
+    else:
+        ids = jnp.asarray(segment_ids)
+        changes = jnp.concatenate([jnp.zeros((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+        seg = jnp.cumsum(changes, axis=1, dtype=jnp.int32)
+    positions = jnp.arange(seq_len)
+
+    def valid(lengths):
+        if lengths is None:
+            return jnp.ones((batch, seq_len), bool)
+        return positions[None, :] < jnp.asarray(lengths)[:, None]
+
+    return seg, valid(query_lengths), valid(kv_lengths)
+
+
+def _linear_scan(
+    fq: Float[Array, "b s kvh g d"],
+    fk: Float[Array, "b s kvh d"],
+    vf: Float[Array, "b s kvh d"],
+    kv0: Float[Array, "b kvh d d"],
+    ksum0: Float[Array, "b kvh d"],
+    chunk: int,
+    segments: tuple[Int[Array, "b s"], Bool[Array, "b s"]] | None,
+    strict: bool = False,
+) -> tuple[Float[Array, "b s kvh g d"], Float[Array, "b s kvh g"], tuple[Array, Array]]:
+    """Causal linear attention chunk by chunk: the numerators ``fq_i . (S0 + sum_j fk_j v_j^T)``, the normalisers
+    ``fq_i . (z0 + sum_j fk_j)`` (no epsilon) over ``j <= i`` (``j < i`` if ``strict``) and the final state.
+
+    ``segments = (seg, k_valid)``, non-decreasing segment numbers and the valid keys: query i reads key j only if
+    ``seg[i] == seg[j]``. The carried state is that of the segment of the last valid key so far (at first the first
+    position's, to which ``(S0, z0)`` belongs); a query reads it only if that is its segment, and it restarts
+    from zero when a valid key of a later segment enters it. Invalid keys must have ``fk = 0``.
+    """
+    b, s, kvh, group, d = fq.shape
     padded = -(-s // chunk) * chunk
-    pad = [(0, 0), (0, padded - s)]
-    # Padding after the feature map: padded keys contribute exactly nothing.
-    fq = jnp.pad(fq, pad + [(0, 0)] * 3).reshape(b, -1, chunk, kvh, group, d)
-    fk = jnp.pad(fk, pad + [(0, 0)] * 2).reshape(b, -1, chunk, kvh, d)
-    vf = jnp.pad(vf, pad + [(0, 0)] * 2).reshape(b, -1, chunk, kvh, d)
-    lower = jnp.tril(jnp.ones((chunk, chunk), acc))
+
+    def chunked(x):  # [b, s, ...] -> [chunks, b, chunk, ...]; padding after the feature map contributes nothing
+        x = jnp.pad(x, [(0, 0), (0, padded - s)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+
+    order = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
 
     def step(carry, xs):
-        kv, ksum = carry
-        fq_c, fk_c, v_c = xs
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", fq_c, fk_c) * lower
-        num = jnp.einsum("bhgqk,bkhe->bqhge", scores, v_c) + jnp.einsum("bqhgd,bhde->bqhge", fq_c, kv)
-        den = jnp.einsum("bhgqk->bqhg", scores) + jnp.einsum("bqhgd,bhd->bqhg", fq_c, ksum)
-        out = num / (den[..., None] + LINEAR_EPS)
+        (kv, ksum), (fq_c, fk_c, v_c) = carry[:2], xs[:3]
+        visible, fq_carry = order[None], fq_c
+        if segments is not None:
+            # The carry also holds the number of the state's segment; xs the chunk's segment numbers and valid keys.
+            open_seg, (seg_c, valid_c) = carry[2], xs[3:]
+            visible = visible & (seg_c[:, :, None] == seg_c[:, None, :])
+            fq_carry = jnp.where((seg_c == open_seg[:, None])[:, :, None, None, None], fq_c, 0)
+        scores = jnp.where(visible[:, None, None], jnp.einsum("bqhgd,bkhd->bhgqk", fq_c, fk_c), 0)
+        num = jnp.einsum("bhgqk,bkhe->bqhge", scores, v_c) + jnp.einsum("bqhgd,bhde->bqhge", fq_carry, kv)
+        den = jnp.einsum("bhgqk->bqhg", scores) + jnp.einsum("bqhgd,bhd->bqhg", fq_carry, ksum)
+        segment = ()
+        if segments is not None:
+            # The segment of the chunk's last valid key (the open one if none): only its keys enter the state,
+            # which restarts if that segment is a new one.
+            new_seg = jnp.maximum(open_seg, jnp.max(jnp.where(valid_c, seg_c, jnp.iinfo(jnp.int32).min), axis=1))
+            fk_c = jnp.where((seg_c == new_seg[:, None])[:, :, None, None], fk_c, 0)
+            kept = (new_seg == open_seg)[:, None, None]
+            kv, ksum = jnp.where(kept[..., None], kv, 0), jnp.where(kept, ksum, 0)
+            segment = (new_seg,)
         kv = kv + jnp.einsum("bkhd,bkhe->bhde", fk_c, v_c)
         ksum = ksum + jnp.sum(fk_c, axis=1)
-        return (kv, ksum), out
+        return (kv, ksum, *segment), (num, den)
 
-    chunks_first = lambda x: jnp.moveaxis(x, 1, 0)
-    (kv, ksum), out = jax.lax.scan(step, (kv0, ksum0), (chunks_first(fq), chunks_first(fk), chunks_first(vf)))
-    out = jnp.moveaxis(out, 0, 1).reshape(b, padded, h, d)[:, :s]
-    return out.astype(q.dtype), LinearState(kv, ksum)
+    carry, xs = (kv0, ksum0), (fq, fk, vf)
+    if segments is not None:
+        seg = segments[0].astype(jnp.int32)
+        carry, xs = carry + (vary_like(seg[:, 0], fk),), xs + (seg, segments[1])
+    (kv, ksum, *_), (num, den) = jax.lax.scan(step, carry, tuple(map(chunked, xs)))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, padded, *x.shape[3:])[:, :s]
+    return unchunk(num), unchunk(den), (kv, ksum)
