@@ -170,11 +170,21 @@ def _concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _int_array(name: str, value: Any, shape: str) -> jax.Array:
+    """``value`` (an array or a nested list of ints) as an integer array, else a ``TypeError`` naming it."""
+    if not hasattr(value, "dtype"):
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{name} must be an integer array {shape}, got {type(value).__name__}") from error
+    if not jnp.issubdtype(value.dtype, jnp.integer):  # bool is not an integer dtype here
+        raise TypeError(f"{name} must be an integer array {shape}, got dtype {value.dtype}")
+    return jnp.asarray(value)
+
+
 def check_segment_ids(name: str, ids: Any, batch: int, length: int) -> jax.Array:
     """Segment ids: an integer ``[batch, length]`` array of non-negative ids (checked where concrete); as int32."""
-    ids = jnp.asarray(ids)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
+    ids = _int_array(name, ids, f"[batch, seq] = [{batch}, {length}]")
     if ids.shape != (batch, length):
         raise ValueError(f"{name} must have shape [batch, seq] = ({batch}, {length}), got {ids.shape}")
     if _concrete(ids) and ids.size and int(np.asarray(ids).min()) < 0:
@@ -185,15 +195,15 @@ def check_segment_ids(name: str, ids: Any, batch: int, length: int) -> jax.Array
 def check_seq_lengths(name: str, lengths: Any, batch: int, length: int, length_name: str = "seq_len") -> jax.Array:
     """Sequence lengths: an integer ``[batch]`` array with values in ``[0, length]`` (checked where concrete; traced
     values cannot be, and values outside that range give unspecified outputs)."""
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {lengths.dtype}")
+    lengths = _int_array(name, lengths, f"[batch] = [{batch}]")
     if lengths.shape != (batch,):
         raise ValueError(f"{name} must have shape [batch] = ({batch},), got {lengths.shape}")
     if _concrete(lengths):
         values = np.asarray(lengths)
-        if values.min() < 0 or values.max() > length:
-            raise ValueError(f"{name} must lie in [0, {length_name}={length}], got {values.tolist()}")
+        bad = (values < 0) | (values > length)
+        if bad.any():
+            raise ValueError(f"{name} must lie in [0, {length_name}={length}], got {values.tolist()} (rows"
+                             f" {np.flatnonzero(bad).tolist()} out of range)")
     return lengths.astype(jnp.int32)
 
 

@@ -16,6 +16,8 @@ from pallas_kernels._validation import (
     check_attention_inputs,
     check_bool,
     check_choice,
+    check_segment_ids,
+    check_seq_lengths,
     kernel_dtype_reason,
 )
 from pallas_kernels.reference import LinearState
@@ -33,51 +35,15 @@ def _check_state(state: LinearState, batch: int, num_kv_heads: int, head_dim: in
     return LinearState(kv, k_sum)
 
 
-def _as_int_array(name: str, value, what: str) -> Array:
-    """``value`` as an array of an integer dtype (a list of ints is accepted), else a ``TypeError`` naming it."""
-    if not hasattr(value, "dtype"):
-        try:
-            value = np.asarray(value)
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"{name} must be an integer array {what}, got {type(value).__name__}") from error
-    if jnp.dtype(value.dtype) == jnp.bool_ or not jnp.issubdtype(value.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array {what}, got dtype {value.dtype}")
-    return value
-
-
-def _check_segment_ids(name: str, ids, batch: int, seq_len: int) -> Array | None:
-    """Segment ids ``[batch, seq_len]`` of an integer dtype (any values: only equality of neighbours counts)."""
-    if ids is None:
-        return None
-    ids = _as_int_array(name, ids, f"[batch, seq_len] = [{batch}, {seq_len}]")
-    if ids.shape != (batch, seq_len):
-        raise ValueError(f"{name} must have shape [batch, seq_len] = [{batch}, {seq_len}], got {ids.shape}")
-    return ids
-
-
-def _check_seq_lengths(name: str, lengths, batch: int, seq_len: int) -> Array | None:
-    """Lengths ``[batch]`` of an integer dtype, each in ``[0, seq_len]`` where they are concrete."""
-    if lengths is None:
-        return None
-    lengths = _as_int_array(name, lengths, f"[batch] = [{batch}]")
-    if lengths.shape != (batch,):
-        raise ValueError(f"{name} must have shape [batch] = [{batch}], got {lengths.shape}")
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        bad = (values < 0) | (values > seq_len)
-        if bad.any():
-            raise ValueError(
-                f"{name} must lie in [0, {seq_len}] (the sequence length), got {values.tolist()} (rows"
-                f" {np.flatnonzero(bad).tolist()} out of range)"
-            )
-    return lengths
+def _seq_lengths(name: str, lengths, batch: int, seq_len: int) -> Array | None:
+    return None if lengths is None else check_seq_lengths(name, lengths, batch, seq_len)
 
 
 def _linear_segment_ids(q_segment_ids, kv_segment_ids, batch: int, seq_len: int) -> Array | None:
     """The one segment-id array of linear attention (queries and keys are the same positions): ``q_segment_ids``,
     else ``kv_segment_ids``; given both, they must be equal (compared where both are concrete)."""
-    q_ids = _check_segment_ids("q_segment_ids", q_segment_ids, batch, seq_len)
-    kv_ids = _check_segment_ids("kv_segment_ids", kv_segment_ids, batch, seq_len)
+    check = lambda name, ids: None if ids is None else check_segment_ids(name, ids, batch, seq_len)
+    q_ids, kv_ids = check("q_segment_ids", q_segment_ids), check("kv_segment_ids", kv_segment_ids)
     if q_ids is None or kv_ids is None or q_ids is kv_ids:
         return kv_ids if q_ids is None else q_ids
     if not isinstance(q_ids, jax.core.Tracer) and not isinstance(kv_ids, jax.core.Tracer):
@@ -136,8 +102,8 @@ def linear_attention(
     batch, seq_len, _, head_dim = q.shape
     packing = dict(
         segment_ids=_linear_segment_ids(q_segment_ids, kv_segment_ids, batch, seq_len),
-        query_lengths=_check_seq_lengths("query_seq_lengths", query_seq_lengths, batch, seq_len),
-        kv_lengths=_check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch, seq_len),
+        query_lengths=_seq_lengths("query_seq_lengths", query_seq_lengths, batch, seq_len),
+        kv_lengths=_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch, seq_len),
     )
     unsupported = kernel_dtype_reason(q, k, v)
     if not (head_dim >= 16 and head_dim & (head_dim - 1) == 0):

@@ -23,7 +23,7 @@ from tests.conftest import gpu_target, relerr, x64
 D = 16
 # Two rows of 18 packed differently; in row 0 the id 7 comes back: a new segment.
 PACKS = ([5, 1, 9, 3], [2, 7, 4, 5])
-IDS = ([7, 3, 7, 3], [-1, 5, 6, 5])
+IDS = ([7, 3, 7, 3], [9, 5, 6, 5])  # ids that come back start new segments
 CASES = [("elu", True), ("relu", True), ("softmax", True), ("elu", False), ("softmax", False)]
 PHI = {"elu": lambda x: jax.nn.elu(x) + 1, "relu": jax.nn.relu, "softmax": lambda x: jax.nn.softmax(x, axis=-1)}
 
@@ -251,7 +251,7 @@ def test_traced_arguments_under_jit(rng):
          "kv_segment_ids must equal q_segment_ids"),
         (dict(query_seq_lengths=np.array([3.0, 4.0])), TypeError, "query_seq_lengths must be an integer array"),
         (dict(query_seq_lengths=np.array([3])), ValueError, r"query_seq_lengths must have shape \[batch\]"),
-        (dict(key_value_seq_lengths=np.array([3, 19])), ValueError, r"key_value_seq_lengths must lie in \[0, 18\]"),
+        (dict(key_value_seq_lengths=np.array([3, 19])), ValueError, r"key_value_seq_lengths must lie in \[0, seq_len=18\]"),
         (dict(key_value_seq_lengths=np.array([-1, 4])), ValueError, r"key_value_seq_lengths .*\[-1, 4\]"),
         (dict(query_seq_lengths="all"), TypeError, "query_seq_lengths must be an integer array"),
     ],
