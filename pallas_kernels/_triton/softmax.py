@@ -549,17 +549,16 @@ def _kv_block_scores(
     ``q_rows``' element mask and the segments (``q_seg``: the tile's ids), to ``-inf``.
 
     Callers scale inside ``exp2(s * score_scale - m)``, one fused multiply-add per score."""
-    j0 = kb * block_k
-    k_pos = j0 + jnp.arange(block_k, dtype=jnp.int32)
-    k_ok = _row_mask(j0, block_k, st.kv_len) if masked else None
-    rows = pl.ds(j0, block_k)
+    k_pos = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    k_ok = _row_mask(kb * block_k, block_k, st.kv_len) if masked else None
+    rows = pl.ds(kb * block_k, block_k)
     k = _load_tile(k_ref.at[rows, :], k_ok, st)
     v = _load_tile(v_ref.at[rows, :], k_ok, st)
     s, t = st.scores(plgpu.dot(q, k, trans_b=True))
     if masked:
         seen = q_rows.visible(k_pos, keys_first=False)
         if segs is not None:
-            seen &= _same_segment(q_seg, segs.keys(j0, block_k), keys_first=False)
+            seen &= _same_segment(q_seg, segs.keys(kb * block_k, block_k), keys_first=False)
         s = jnp.where(seen, s, -jnp.inf)
     return k, v, s, t
 
@@ -591,13 +590,14 @@ def _fwd_kernel(
     row_ok = _row_mask(r0, block_q, st.q_len)
     q = _load_tile(q_ref, row_ok, st)
 
+    acc0 = jnp.zeros((block_q, st.head_dim_padded), jnp.float32)
     # A sink is a key of logit ``sink`` and value 0 seen by every row: the running max and sum start from it.
     if "sinks" in option_refs:
         m0 = jnp.full((block_q,), option_refs["sinks"][h], jnp.float32)
         l0 = jnp.ones((block_q,), jnp.float32)
     else:
         m0, l0 = jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32)
-    carry = (jnp.zeros((block_q, st.head_dim_padded), jnp.float32), m0, l0)
+    carry = (acc0, m0, l0)
     step = functools.partial(
         _fwd_kv_block, q=q, q_rows=head.rows(r0, block_q), q_seg=None if segs is None else segs.queries(r0, block_q),
         segs=segs, k_ref=k_ref, v_ref=v_ref, st=st, block_k=block_k,
