@@ -29,6 +29,7 @@ from jaxtyping import Array, Float
 
 from pallas_kernels._autodiff import reject_higher_order
 from pallas_kernels import _partitioning
+from pallas_kernels._vma import vary_like
 from pallas_kernels._mosaic import softmax as mosaic
 from pallas_kernels._triton import softmax as triton
 from pallas_kernels.masks import Segments, SparseMask, WindowMask
@@ -193,6 +194,12 @@ def attention(
     """Softmax attention under ``plan.mask`` (and ``segments``, with ``sinks``) with ``plan``'s backends (see
     ``prepare``); output in ``q.dtype``. Differentiable in ``q``, ``k``, ``v`` and ``sinks``."""
     q, plan = prepare(q, k, v, plan)
+    # Inside shard_map every kernel input must vary over q's mesh axes (a replicated ``sinks`` then gets its
+    # gradient summed over them by the transpose of this cast).
+    if segments is not None:
+        segments = Segments(*(vary_like(ids, q) for ids in segments))
+    if sinks is not None:
+        sinks = vary_like(sinks, q)
     return _attention(q, k, v, segments, sinks, plan)
 
 

@@ -329,3 +329,26 @@ def test_real_size_options_bfloat16_against_xla_float32(form):
     assert relerr(out, want) < 1e-2
     for name, g, w in zip(("dq", "dk", "dv", "dsinks"), grads, want_grads):
         assert relerr(g, w) < 2e-2, name
+
+
+def test_options_lower_inside_shard_map():
+    """Inside ``shard_map(check_vma=True)`` with segment ids sharded over batch only and sinks over heads only, the
+    Triton kernels and their gradients (sinks included) lower for a GPU: every kernel input varies like q."""
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    if tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 12):
+        pytest.skip("JAX 0.12 cross-lowers Triton kernels only under an abstract GPU mesh, not this 8-device CPU mesh")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    heads = P("data", None, "model")
+    q = jax.ShapeDtypeStruct((4, 64, 8, 16), jnp.float32, sharding=NamedSharding(mesh, heads))
+    ids = jax.ShapeDtypeStruct((4, 64), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+    sinks = jax.ShapeDtypeStruct((8,), jnp.float32, sharding=NamedSharding(mesh, P("model")))
+
+    def loss(q, ids, sinks):
+        out = pk.flash_attention(q, q, q, q_segment_ids=ids, logits_soft_cap=5.0, sinks=sinks,
+                                 implementation="pallas")
+        return jax.lax.psum(jnp.sum(out), ("data", "model"))
+
+    local = jax.shard_map(jax.grad(loss, argnums=(0, 2)), mesh=mesh, in_specs=(heads, P("data"), P("model")),
+                          out_specs=(heads, P("model")))
+    assert "triton" in jax.jit(local).trace(q, ids, sinks).lower(lowering_platforms=("cuda",)).as_text().lower()
