@@ -107,7 +107,12 @@ def test_pallas_gpu_kernels_lower_inside_shard_map(mesh):
         pytest.skip("JAX 0.12 cross-lowers Triton kernels only under an abstract GPU mesh, not this 8-device CPU mesh")
     spec = P("data", None, "model")
     q = jax.ShapeDtypeStruct((4, 64, 8, 16), jnp.float32, sharding=NamedSharding(mesh, spec))
-    body = lambda q: pk.flash_attention(q, q, q, window_size=9, implementation="pallas")
-    for fn in (body, jax.grad(lambda q: jnp.sum(body(q)))):
-        local = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)
-        assert "triton" in jax.jit(local).trace(q).lower(lowering_platforms=("cuda",)).as_text().lower()
+    bodies = {
+        "window": lambda q: pk.flash_attention(q, q, q, window_size=9, implementation="pallas"),
+        # The zero initial state is created inside the op: it must vary like q for the gradient's types to match.
+        "linear": lambda q: pk.linear_attention(q, q, q, implementation="pallas")[0],
+    }
+    for name, body in bodies.items():
+        for fn in (body, jax.grad(lambda q: jnp.sum(body(q)))):
+            local = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)
+            assert "triton" in jax.jit(local).trace(q).lower(lowering_platforms=("cuda",)).as_text().lower(), name

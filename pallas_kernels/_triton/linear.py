@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import _partitioning
 from pallas_kernels._autodiff import reject_higher_order
-from pallas_kernels._vma import out_struct
+from pallas_kernels._vma import out_struct, vary_like
 from pallas_kernels.block_ranges import int_div
 from pallas_kernels.reference import LinearState
 
@@ -816,6 +816,11 @@ def linear_attention(
     ids = None
     if not (segment_ids is None and query_lengths is None and kv_lengths is None):
         ids = _kernel_ids(segment_ids, query_lengths, kv_lengths, batch, seq_len)
+    # Inside shard_map every input of the custom_vjp varies like the keys (a zero or replicated initial state then
+    # gets a cotangent of its own type; the cast's transpose sums it).
+    kv0, ksum0 = vary_like(kv0, k), vary_like(ksum0, k)
+    if ids is not None:
+        ids = jax.tree.map(lambda x: vary_like(x, k), ids)
     cfg = _Config(feature_map, bool(causal), chunk_size, interpret, _TILE, segmented=ids is not None)
     compute = _compute_dtype(q.dtype)
     out, kv, ksum = _linear_attention(cfg, q.astype(compute), k.astype(compute), v.astype(compute), kv0, ksum0, ids)
