@@ -46,6 +46,7 @@ from pallas_kernels.block_ranges import int_div
 from pallas_kernels.masks import SparseMask, WindowMask
 
 from .compiler import compiler_params, pl, plgpu
+from .element_masks import SparseRows
 
 # Stands in for an unlimited window; ``pos - window`` still fits int32.
 _NO_WINDOW = 2**30
@@ -470,18 +471,14 @@ class _Sparse:
 
     def program(self, refs, b, g, length, q_pos, st: _Static) -> _SparseProgram:
         sp = self.sparse
-        band_lo = (int_div(q_pos, sp.block_size) - (sp.num_local_blocks - 1)) * sp.block_size
         random = tuple(plgpu.load(refs["random"].at[jnp.int32(slot), :]) for slot in range(sp.num_random_blocks))
-        return _SparseProgram(refs["blocks"], refs["counts"][b, g], q_pos, band_lo, random, sp, st)
+        return _SparseProgram(refs["blocks"], refs["counts"][b, g], SparseRows.at(q_pos, random, sp, st.capacity), st)
 
 
 class _SparseProgram(NamedTuple):
     blocks_ref: Any
     count: Int[Array, ""]
-    q_pos: Int[Array, " rows"]
-    band_lo: Int[Array, " rows"]
-    random: tuple[Int[Array, " rows"], ...]
-    sparse: SparseMask
+    rows: SparseRows
     st: _Static
 
     def entries(self, split) -> tuple[Int[Array, ""], Int[Array, ""]]:
@@ -493,14 +490,7 @@ class _SparseProgram(NamedTuple):
     def masks(self, k_pos) -> tuple[Bool[Array, " block_k"], Bool[Array, "rows block_k"]]:
         """``SparseMask.visible`` of the stacked rows (rows at negative positions see nothing: causality); a slot is
         loaded iff some row sees it."""
-        i, j = self.q_pos[:, None], k_pos[None, :]
-        bs, n_global = self.sparse.block_size, self.sparse.num_global_tokens
-        seen = j >= self.band_lo[:, None]
-        if n_global:
-            seen |= (j < n_global) | (i < n_global)
-        for start in self.random:  # unused slots start at _NO_KEY
-            seen |= (j >= start[:, None]) & (j < start[:, None] + bs)
-        visible = seen & (j <= i)
+        visible = self.rows.visible(k_pos)
         return jnp.max(visible.astype(jnp.int32), axis=0) > 0, visible
 
 

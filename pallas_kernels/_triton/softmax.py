@@ -42,10 +42,11 @@ from pallas_kernels.block_ranges import (
     q_block_range,
     segment_block_ranges,
 )
-from pallas_kernels.block_tables import RowPieces, band, block_tables, split_long_rows
+from pallas_kernels.block_tables import RowPieces, block_tables, split_long_rows
 from pallas_kernels.masks import PAD_KEY, PAD_QUERY, Segments, SparseMask, WindowMask
 
 from .compiler import compiler_params, pl, plgpu
+from .element_masks import SparseRows, below, per_key, per_query
 
 # Stands in for an unlimited window; large enough for any sequence, small enough that ``pos +- window`` fits int32.
 _NO_WINDOW = 2**30
@@ -251,15 +252,10 @@ def _visible(
     # One unsigned comparison per bound pair: 0 <= d < W (causal) or -W < d < W. Positions and windows are below
     # 2**30, so nothing wraps; this halves the element-mask work of the partial blocks.
     if causal:
-        seen = _below(d, window)
+        seen = below(d, window)
     else:
-        seen = _below(d + (window - 1), 2 * window - 1)
+        seen = below(d + (window - 1), 2 * window - 1)
     return seen if kv_len is None else seen & (k_pos < kv_len)
-
-
-def _below(x: Int[Array, "..."], bound) -> Bool[Array, "..."]:
-    """``0 <= x < bound`` for int32 ``x`` and a positive ``bound``, as one unsigned comparison."""
-    return x.astype(jnp.uint32) < jnp.asarray(bound).astype(jnp.uint32)
 
 
 def _two_phase_loop(blocks: BlockRange | _TableRow, step: Callable[..., Any], carry: Any) -> Any:
@@ -319,15 +315,6 @@ def _whole_specs(arrays: dict[str, Array]) -> dict[str, pl.BlockSpec]:
 # owns a key block and loops over query blocks; ``key_pieces`` says which of those loops are long enough to split.
 
 
-def _per_query(x: Array, keys_first: bool) -> Array:
-    """A per-query vector shaped to broadcast over a ``[queries, keys]`` tile, or ``[keys, queries]``."""
-    return x[None, :] if keys_first else x[:, None]
-
-
-def _per_key(x: Array, keys_first: bool) -> Array:
-    return x[:, None] if keys_first else x[None, :]
-
-
 @dataclasses.dataclass(frozen=True)
 class _Windows:
     """Per-head windows (``None`` = unlimited), causal or not."""
@@ -375,7 +362,7 @@ class _WindowRows(NamedTuple):
     def visible(self, k_pos: Int[Array, " block_k"], keys_first: bool) -> Bool[Array, "..."]:
         """``[block_q, block_k]``, or ``[block_k, block_q]`` if ``keys_first``."""
         kv_len = self.st.kv_len if self.st.kv_len % k_pos.shape[0] else None  # no tile crosses the end otherwise
-        q_pos, k_pos = _per_query(self.q_pos, keys_first), _per_key(k_pos, keys_first)
+        q_pos, k_pos = per_query(self.q_pos, keys_first), per_key(k_pos, keys_first)
         return _visible(q_pos, k_pos, self.window, self.st.causal, kv_len)
 
 
@@ -445,40 +432,13 @@ class _SparseHead(NamedTuple):
         bounds, h = self.refs["bounds"], self.h
         return _TableRow(self.refs["blocks"], bounds[h, tile, 0], bounds[h, tile, 1], bounds[h, tile, 2])
 
-    def rows(self, r0, block_q: int) -> _SparseRows:
+    def rows(self, r0, block_q: int) -> SparseRows:
         """The element mask of query rows ``[r0, r0 + block_q)``."""
-        sparse, r = self.sparse, self.sparse.num_random_blocks
+        r = self.sparse.num_random_blocks
         q_pos = r0 + self.st.offset + jnp.arange(block_q, dtype=jnp.int32)
-        q_block = int_div(q_pos, sparse.block_size)
-        before, after = band(sparse)
         rows = pl.ds(r0, block_q)
         random = tuple(plgpu.load(self.refs["random"].at[self.h * r + slot, rows]) for slot in range(r))
-        band_lo, band_hi = (q_block - before) * sparse.block_size, (q_block + after + 1) * sparse.block_size
-        return _SparseRows(q_pos, band_lo, band_hi, random, sparse, self.st)
-
-
-class _SparseRows(NamedTuple):
-    """Per query row: the key positions ``[band_lo, band_hi)`` of its local band and the starts of its random blocks."""
-
-    q_pos: Int[Array, " block_q"]
-    band_lo: Int[Array, " block_q"]
-    band_hi: Int[Array, " block_q"]
-    random: tuple[Int[Array, " block_q"], ...]
-    sparse: SparseMask
-    st: _Static
-
-    def visible(self, k_pos: Int[Array, " block_k"], keys_first: bool) -> Bool[Array, "..."]:
-        """``SparseMask.visible`` of these rows: ``[block_q, block_k]``, or ``[block_k, block_q]`` if ``keys_first``."""
-        rows = functools.partial(_per_query, keys_first=keys_first)
-        j, bs, n_global = _per_key(k_pos, keys_first), self.sparse.block_size, self.sparse.num_global_tokens
-        seen = _below(j - rows(self.band_lo), rows(self.band_hi - self.band_lo))
-        if n_global:
-            seen |= (j < n_global) | (rows(self.q_pos) < n_global)
-        for start in self.random:  # unused slots start at _NO_KEY: j - start stays below 2**31
-            seen |= _below(j - rows(start), bs)
-        if self.sparse.causal:
-            seen &= j <= rows(self.q_pos)
-        return seen & (j < self.st.kv_len) if self.st.kv_len % k_pos.shape[0] else seen
+        return SparseRows.at(q_pos, random, self.sparse, self.st.kv_len)
 
 
 _Mask = _Windows | _Sparse
@@ -534,7 +494,7 @@ def _segment_ids(option_refs: dict[str, Any]) -> _SegmentIds | None:
 
 
 def _same_segment(q_seg, k_seg, keys_first: bool) -> Bool[Array, "..."]:
-    return _per_query(q_seg, keys_first) == _per_key(k_seg, keys_first)
+    return per_query(q_seg, keys_first) == per_key(k_seg, keys_first)
 
 
 # --------------------------------------------------------------------------------------------------------------
