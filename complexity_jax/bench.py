@@ -452,8 +452,10 @@ def copy_bandwidth(num_bytes: int, repeats: int) -> float:
 
 def decode_suite(shape: Shape, contexts: list[int], batch: int, window: int, repeats: int, interpret: bool
                  ) -> list[Case]:
-    """One decode step (one query per row, full caches of ``context`` slots) and a windowed step; the peers get
-    ``key_value_seq_lengths``. Notes give the bandwidth as a share of a copy's, measured on the largest cache."""
+    """One decode step (one query per row, full caches of ``context`` slots), a windowed step and a ragged step (row
+    lengths spread evenly from ``context / 8`` to ``context``: its bandwidth counts the slots it reads, to compare
+    with the full step's); the peers get ``key_value_seq_lengths``. Notes give the bandwidth as a share of a copy's,
+    measured on the largest cache."""
     h, kvh, d, dtype = shape.num_heads, shape.num_kv_heads, shape.head_dim, jnp.dtype(shape.dtype)
     kv_bytes = lambda ctx: 2 * batch * ctx * kvh * d * dtype.itemsize
     largest = max(contexts)
@@ -474,6 +476,11 @@ def decode_suite(shape: Shape, contexts: list[int], batch: int, window: int, rep
         planned += [Case("decode", case, impl, ctx, functools.partial(
             measure_decode, case, impl, fn, batch, ctx, shape, num_bytes, copy, repeats))
             for case, impl, num_bytes, fn in cases]
+        ragged = tuple(np.linspace(max(1, ctx // 8), ctx, batch).astype(int).tolist())
+        case = f"ragged {ragged[0]}..{ragged[-1]}, batch {batch}"
+        planned.append(Case("decode", case, "ours", ctx, functools.partial(
+            measure_decode, case, "ours", lambda q, k, v, n: pk.decode_attention(q, k, v, n, **ours(interpret)),
+            batch, ctx, shape, kv_bytes(ctx) * sum(ragged) // (batch * ctx), copy, repeats, ragged)))
     return planned
 
 
@@ -488,14 +495,15 @@ def measure_copy(context: int, copy_bandwidth: Callable[[], float]) -> Result:
 
 
 def measure_decode(case: str, impl: str, fn: Callable, batch: int, context: int, shape: Shape, num_bytes: int,
-                   copy_bandwidth: Callable[[], float], repeats: int) -> Result:
-    """Times one decode step of ``fn(q, k, v, lengths)`` against full caches of ``context`` slots."""
+                   copy_bandwidth: Callable[[], float], repeats: int, lengths: tuple[int, ...] | None = None) -> Result:
+    """Times one decode step of ``fn(q, k, v, lengths)`` against caches of ``context`` slots, filled to ``lengths``
+    (default: full)."""
     h, kvh, d, dtype = shape.num_heads, shape.num_kv_heads, shape.head_dim, jnp.dtype(shape.dtype)
     keys = jax.random.split(jax.random.key(context), 3)
     q = jax.random.normal(keys[0], (batch, 1, h, d), dtype)
     k = jax.random.normal(keys[1], (batch, context, kvh, d), dtype)
     v = jax.random.normal(keys[2], (batch, context, kvh, d), dtype)
-    lengths = jnp.full((batch,), context, jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     result = Result("decode", case, impl, context)
     try:
         result.forward_ms = median_ms(jax.jit(fn), q, k, v, lengths, repeats=repeats, calls=20)
