@@ -26,6 +26,7 @@ from complexity_jax.cache import (
     multiscale_layout,
 )
 from complexity_jax.rope import apply_rope
+from pallas_kernels.masks import segment_starts
 from pallas_kernels._validation import (
     FEATURE_MAPS,
     FLOAT_DTYPES,
@@ -279,15 +280,6 @@ def packing_options(segment_ids, lengths) -> dict[str, Array]:
     if lengths is not None:
         options["query_seq_lengths"] = options["key_value_seq_lengths"] = lengths
     return options
-
-
-def segment_starts(segment_ids: Int[Array, "b s"]) -> Int[Array, "b s"]:
-    """The index where the run of each token's segment id starts (a new run wherever the id changes)."""
-    s = segment_ids.shape[1]
-    index = jnp.arange(s, dtype=jnp.int32)[None, :]
-    changed = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    return jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
 
 
 def last_segment(segment_ids: Int[Array, "b s"], lengths: Optional[Int[Array, "b"]], s: int):

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Bool, Int
 
 # Stands for "no window" where a window must be a number (kernels, per-head tables).
@@ -73,6 +74,15 @@ class Segments(NamedTuple):
 
 PAD_QUERY = -1
 PAD_KEY = -2
+
+
+def segment_starts(segment_ids: Int[Array, "b s"]) -> Int[Array, "b s"]:
+    """The position where each token's segment starts: a segment is a run of equal ids, so a new one starts wherever
+    the id changes (an id that comes back after another one starts a new segment)."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    changed = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return lax.cummax(jnp.where(changed, index, 0), axis=1)
 
 
 def segments(

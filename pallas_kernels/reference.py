@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels._vma import vary_like
+from pallas_kernels.masks import segment_starts
 
 _LOG2E = 1.4426950408889634
 
@@ -225,15 +226,12 @@ def _linear_packing(
     segment_ids: Int[Array, "b s"] | None, query_lengths: Int[Array, "b"] | None, kv_lengths: Int[Array, "b"] | None,
     batch: int, seq_len: int,
 ) -> tuple[Int[Array, "b s"], Bool[Array, "b s"], Bool[Array, "b s"]]:
-    """The segment number of every position (0 for the row's first run of equal ids, +1 wherever the id changes:
-    an id that comes back after another one starts a new segment) and which queries and keys are valid (before
-    ``query_lengths`` / ``kv_lengths``)."""
+    """Each position's segment, as the position where it starts (``masks.segment_starts``: non-decreasing, one value
+    per segment), and which queries and keys are valid (before ``query_lengths`` / ``kv_lengths``)."""
     if segment_ids is None:
         seg = jnp.zeros((batch, seq_len), jnp.int32)
     else:
-        ids = jnp.asarray(segment_ids)
-        changes = jnp.concatenate([jnp.zeros((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-        seg = jnp.cumsum(changes, axis=1, dtype=jnp.int32)
+        seg = segment_starts(jnp.asarray(segment_ids))
     positions = jnp.arange(seq_len)
 
     def valid(lengths):
@@ -257,7 +255,7 @@ def _linear_scan(
     """Causal linear attention chunk by chunk: the numerators ``fq_i . (S0 + sum_j fk_j v_j^T)``, the normalisers
     ``fq_i . (z0 + sum_j fk_j)`` (no epsilon) over ``j <= i`` (``j < i`` if ``strict``) and the final state.
 
-    ``segments = (seg, k_valid)``, non-decreasing segment numbers and the valid keys: query i reads key j only if
+    ``segments = (seg, k_valid)``, non-decreasing segment numbers (one per segment) and the valid keys: query i reads key j only if
     ``seg[i] == seg[j]``. The carried state is that of the segment of the last valid key so far (at first the first
     position's, to which ``(S0, z0)`` belongs); a query reads it only if that is its segment, and it restarts
     from zero when a valid key of a later segment enters it. Invalid keys must have ``fk = 0``.

@@ -36,6 +36,7 @@ from pallas_kernels import _partitioning
 from pallas_kernels._autodiff import reject_higher_order
 from pallas_kernels._vma import out_struct, vary_like
 from pallas_kernels.block_ranges import int_div
+from pallas_kernels.masks import segment_starts
 from pallas_kernels.reference import LinearState
 
 from .compiler import compiler_params, pl, plgpu
@@ -746,9 +747,8 @@ def _kernel_ids(
     if segment_ids is None:
         starts = jnp.full((batch, seq_len), -1, jnp.int32)
     else:
-        ids = jnp.asarray(segment_ids)
-        changes = jnp.concatenate([jnp.zeros((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-        starts = lax.cummax(jnp.where(changes, positions, -1), axis=1)
+        starts = segment_starts(jnp.asarray(segment_ids))
+        starts = jnp.where(starts == 0, -1, starts)  # the first segment, which reads the initial state
     kv_len = seq_len if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)[:, None]
     k_ids = jnp.where(positions < kv_len, starts, _KEY_PADDING)
     reads = starts < kv_len
