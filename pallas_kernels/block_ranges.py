@@ -21,7 +21,8 @@ _LOG2E = math.log2(math.e)
 
 
 class Geometry(NamedTuple):
-    """Trace-time constants of one attention call: real lengths, head size, mask kind, score scale and soft-cap."""
+    """Trace-time constants of one attention call: real lengths, head size, mask kind, score scale and soft-cap
+    (``fast_tanh``: the kernels may evaluate the soft-cap's tanh with the hardware approximation)."""
 
     q_len: int
     kv_len: int
@@ -29,6 +30,7 @@ class Geometry(NamedTuple):
     causal: bool
     softmax_scale: float
     logits_soft_cap: float | None = None
+    fast_tanh: bool = False
 
     @property
     def offset(self) -> int:

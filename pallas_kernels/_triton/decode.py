@@ -45,6 +45,7 @@ from pallas_kernels._vma import out_struct
 from pallas_kernels.block_ranges import int_div
 from pallas_kernels.masks import SparseMask, WindowMask
 
+from . import fast_math
 from .compiler import compiler_params, pl, plgpu
 from .element_masks import SparseRows
 
@@ -202,6 +203,7 @@ class _Static(NamedTuple):
     num_splits: int
     softmax_scale: float
     logits_soft_cap: float | None = None
+    fast_tanh: bool = False  # see fast_math
 
     @property
     def head_dim_padded(self) -> int:
@@ -247,7 +249,7 @@ def _scores(qk: Float[Array, "rows block_k"], st: _Static) -> Float[Array, "rows
     if st.logits_soft_cap is None:
         return qk * (st.softmax_scale * _LOG2E)
     cap = st.logits_soft_cap
-    return jnp.tanh(qk * (st.softmax_scale / cap)) * (cap * _LOG2E)
+    return fast_math.tanh(qk * (st.softmax_scale / cap), st.fast_tanh) * (cap * _LOG2E)
 
 
 def _decode_kernel(len_ref, off_ref, mask_refs, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, st: _Static,
@@ -520,7 +522,8 @@ def _forward(
     batch, t, heads, head_dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
-    st = _Static(t, capacity, head_dim, config.block_k, config.num_splits, softmax_scale, logits_soft_cap)
+    st = _Static(t, capacity, head_dim, config.block_k, config.num_splits, softmax_scale, logits_soft_cap,
+                 fast_math.approximate_tanh_for(q.dtype, interpret))
     rows, dp, splits = _pow2_at_least(t * group), st.head_dim_padded, st.num_splits
     offset = _row_offsets(t, group, rows)
     lay = _Layout(batch, t, group, kv_heads, rows, capacity, config.block_k)

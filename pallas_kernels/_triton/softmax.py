@@ -45,6 +45,7 @@ from pallas_kernels.block_ranges import (
 from pallas_kernels.block_tables import RowPieces, block_tables, split_long_rows
 from pallas_kernels.masks import PAD_KEY, PAD_QUERY, Segments, SparseMask, WindowMask
 
+from . import fast_math
 from .compiler import compiler_params, pl, plgpu
 from .element_masks import SparseRows, below, per_key, per_query
 
@@ -211,7 +212,7 @@ class _Static(Geometry):
         whose derivative ``1 - t^2`` the backward applies."""
         if self.logits_soft_cap is None:
             return s, None
-        t = jnp.tanh(s * (self.softmax_scale / self.logits_soft_cap))
+        t = fast_math.tanh(s * (self.softmax_scale / self.logits_soft_cap), self.fast_tanh)
         return t * (self.logits_soft_cap * _LOG2E), t
 
 
@@ -571,8 +572,10 @@ def _fwd_kernel(
     plgpu.store(lse_ref, jnp.where(empty, jnp.inf, m + jnp.log2(l)), mask=row_ok)
 
 
-def _static(q: Array, k: Array, causal: bool, softmax_scale: float, logits_soft_cap: float | None) -> _Static:
-    return _Static(q.shape[1], k.shape[1], q.shape[3], causal, softmax_scale, logits_soft_cap)
+def _static(q: Array, k: Array, causal: bool, softmax_scale: float, logits_soft_cap: float | None,
+            interpret: bool) -> _Static:
+    return _Static(q.shape[1], k.shape[1], q.shape[3], causal, softmax_scale, logits_soft_cap,
+                   fast_math.approximate_tanh_for(q.dtype, interpret))
 
 
 def _kv_head(h, group: int):
@@ -595,7 +598,7 @@ def _forward(
     """Output and base-2 log-sum-exp ``[batch, heads, q_len]``."""
     batch, q_len, heads, _ = q.shape
     kv_len, group = k.shape[1], heads // k.shape[2]
-    st = _static(q, k, mask.causal, softmax_scale, logits_soft_cap)
+    st = _static(q, k, mask.causal, softmax_scale, logits_soft_cap, interpret)
     bq, dp = config.block_q, st.head_dim_padded
     mask_inputs = mask.inputs(st, bq, config.block_k, by_key=False)
     option_inputs, option_specs = _option_inputs(st, segments, sinks, bq, config.block_k, by_key=False)
@@ -809,7 +812,7 @@ def _backward(
     batch, q_len, heads, _ = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    st = _static(q, k, mask.causal, softmax_scale, logits_soft_cap)
+    st = _static(q, k, mask.causal, softmax_scale, logits_soft_cap, interpret)
     bq, bk, dp = config.block_q_bwd, config.block_k_bwd, st.head_dim_padded
     params = compiler_params(config.num_warps_bwd, config.num_stages_bwd)
     q_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
