@@ -4,7 +4,7 @@ forward and forward+backward, at the issue-15 shape (causal, S=8192, batch 2, 32
 ``python benchmarks/ab_options.py OUT.json [--lower-only]``. Variants: plain; ``logits_soft_cap=30`` with the
 kernels' default tanh for bf16 (PTX ``tanh.approx.f32``, ``_triton/fast_math.py``); the same with libdevice ``tanhf``
 patched in (the question it answered on 2026-12-02: the accurate tanh costs +44% forward+backward, the approximate
-one +16%, at the same error);
+one +17%, at the same error);
 ``sinks``; soft-cap and sinks. Each variant's output and gradients are checked against the float32 XLA path with the
 same options first (relerr). Three rounds, the order reversed every other round. ``--lower-only`` lowers every
 variant for a GPU and exits (runs on a CPU machine: checks the patch lowers before spending device time).
