@@ -7,13 +7,16 @@ Guarantees (every op, both paths unless said):
 - Numerics: inputs float16, bfloat16 or float32 (float64 on the XLA path); products take the input dtype and
   accumulate in float32 (float64 for float64 inputs); outputs have the input dtype. Linear attention keeps its
   state in float32 and runs float16 inputs as float32 (float16's range overflowed). Any finite ``softmax_scale``
-  is allowed, zero and negative included. A query row that sees no key outputs zeros.
-- NaN/Inf: a non-finite key never reaches a query that does not see it (scores are masked before the softmax). A
-  key/value position that no query of its (batch row, KV head) sees never reaches an output or a gradient: cache
-  slots at or past ``lengths``, slots outside every window (``decode_attention`` on both paths, and every XLA op).
-  The Pallas sequence kernels skip whole tiles outside the mask; a non-finite *value* inside a visited tile can
-  reach the tile's other rows (0 * NaN), so keep values finite there. Non-finite inputs that a query does see
-  propagate to its output.
+  is allowed, zero and negative included. A query row that sees no key outputs zeros (given finite values).
+- NaN/Inf: a non-finite key never reaches a query that does not see it (scores are masked before the softmax).
+  A non-finite *value* that any query sees also reaches queries that do not see it (their weight is exactly 0, and
+  0 * NaN = NaN in P @ V), rows that see no key included, on both paths: on the XLA path every query of its batch
+  row reading its KV head, in the Pallas kernels every row of the query tiles that visit its key tile. A key/value
+  position that no query of its (batch row, KV head) sees never reaches an output or a gradient on the XLA path and
+  in ``decode_attention`` (padding, cache slots at or past ``lengths``, slots outside every window); the Pallas
+  sequence kernels skip only whole tiles outside the mask, so such a value inside a visited tile reaches the tile's
+  rows. Keep values finite (a decision: a select on every P @ V tile would make unseen ones harmless, at a cost
+  not measured on the GPU). Non-finite inputs that a query does see propagate to its output.
 - What raises: bad arguments raise ``TypeError`` (wrong type: a float or traced value where a static int is needed,
   integer/complex arrays) or ``ValueError`` (wrong value or shape: empty axes, negative seeds, lengths outside the
   cache) naming the argument, its value and what is allowed, when the op is called; a forced Pallas backend that

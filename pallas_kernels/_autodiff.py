@@ -1,6 +1,7 @@
 """Clear errors for the derivatives the Pallas kernels do not define.
 
-Each kernel family is a ``jax.custom_vjp`` with first-order reverse-mode rules. JAX rejects forward mode
+Each kernel family is a ``jax.custom_vjp`` with first-order reverse-mode rules (decode's backward is the XLA
+path's, or an error under a forced Pallas implementation). JAX rejects forward mode
 (``jax.jvp``, ``jax.jacfwd``) of such a function with a generic ``TypeError``, and differentiating the rules
 themselves (grad of grad, ``jax.hessian``) fails deep inside Pallas with a bare ``AssertionError``. These
 helpers turn both into a ``NotImplementedError`` that names the op and the way out (the XLA path, which JAX
@@ -40,10 +41,25 @@ def forward_mode_guard(op_name: str, inputs: tuple[Any, ...], call: Callable[[],
         raise NotImplementedError(_forward_mode_message(op_name)) from error
 
 
+# Ops whose Pallas kernel has no backward of its own: under implementation="auto" their first derivatives run the
+# XLA backward, under a forced Pallas implementation they raise.
+_NO_PALLAS_BACKWARD = ("decode_attention",)
+
+
+def _defined(op_name: str, kernels_define: str) -> str:
+    """The message's ``op_name: what its kernels differentiate`` part."""
+    if op_name in _NO_PALLAS_BACKWARD:
+        kernels_define = (
+            "the Pallas kernel has no backward of its own (with implementation='auto', jax.grad and jax.vjp run the"
+            " XLA backward; with a forced Pallas implementation they raise)"
+        )
+    return f"{op_name}: {kernels_define}"
+
+
 def _forward_mode_message(op_name: str) -> str:
     return (
-        f"{op_name}: the Pallas kernels define reverse-mode derivatives only (jax.grad, jax.vjp); forward mode"
-        " (jax.jvp, jax.jacfwd, jax.hessian) is not supported: use implementation='xla' for it"
+        f"{_defined(op_name, 'the Pallas kernels define reverse-mode derivatives only (jax.grad, jax.vjp)')};"
+        " forward mode (jax.jvp, jax.jacfwd, jax.hessian) is not supported: use implementation='xla' for it"
     )
 
 
@@ -52,6 +68,6 @@ def reject_higher_order(op_name: str, *values: Any) -> None:
     differentiated, i.e. someone takes a derivative of the derivative."""
     if any(type(x).__name__ in _AD_TRACERS for x in jax.tree.leaves(values)):
         raise NotImplementedError(
-            f"{op_name}: the Pallas kernels define first derivatives only; second derivatives (grad of grad,"
-            " jax.hessian, forward-over-reverse) are not supported: use implementation='xla' for them"
+            f"{_defined(op_name, 'the Pallas kernels define first derivatives only')}; second derivatives (grad of"
+            " grad, jax.hessian, forward-over-reverse) are not supported: use implementation='xla' for them"
         )

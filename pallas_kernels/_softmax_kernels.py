@@ -36,8 +36,6 @@ from pallas_kernels.masks import Segments, SparseMask, WindowMask
 
 BACKENDS = ("mosaic", "triton")
 _LOG2E = 1.4426950408889634
-# The public ops served by this seam, named in the errors of the derivatives it does not define.
-_OPS = "flash_attention / multiscale_attention / sparse_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,20 +142,20 @@ def _local_plan(plan: Plan, num_heads: int) -> Plan:
     return plan if num_heads == plan.mask.num_heads else dataclasses.replace(plan, mask=plan.mask.heads(0, num_heads))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, segments, sinks, plan: Plan):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, segments, sinks, plan: Plan, op_name: str):
     return forward(q, k, v, plan, segments, sinks)[0]
 
 
-def _attention_fwd(q, k, v, segments, sinks, plan: Plan):
-    reject_higher_order(_OPS, q, k, v)
+def _attention_fwd(q, k, v, segments, sinks, plan: Plan, op_name: str):
+    reject_higher_order(op_name, q, k, v)
     out, lse = forward(q, k, v, plan, segments, sinks)
     return out, ((q, k, v, out, lse), segments, sinks)  # O(S) residuals only
 
 
-def _attention_bwd(plan: Plan, res, do):
+def _attention_bwd(plan: Plan, op_name: str, res, do):
     res, segments, sinks = res
-    reject_higher_order(_OPS, res, do)
+    reject_higher_order(op_name, res, do)
     dq, dk, dv = backward(plan, res, do, segments)
     d_segments = None if segments is None else jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), segments)
     d_sinks = None if sinks is None else sinks_gradient(sinks, res[3], res[4], do)
@@ -190,9 +188,11 @@ def attention(
     plan: Plan,
     segments: Segments | None = None,
     sinks: Float[Array, " heads"] | None = None,
+    op_name: str = "softmax attention",
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Softmax attention under ``plan.mask`` (and ``segments``, with ``sinks``) with ``plan``'s backends (see
-    ``prepare``); output in ``q.dtype``. Differentiable in ``q``, ``k``, ``v`` and ``sinks``."""
+    ``prepare``); output in ``q.dtype``. Differentiable in ``q``, ``k``, ``v`` and ``sinks``; ``op_name``: the public
+    op, named by the error a second derivative raises."""
     q, plan = prepare(q, k, v, plan)
     # Inside shard_map every kernel input must vary over q's mesh axes (a replicated ``sinks`` then gets its
     # gradient summed over them by the transpose of this cast).
@@ -200,7 +200,7 @@ def attention(
         segments = Segments(*(vary_like(ids, q) for ids in segments))
     if sinks is not None:
         sinks = vary_like(sinks, q)
-    return _attention(q, k, v, segments, sinks, plan)
+    return _attention(q, k, v, segments, sinks, plan, op_name)
 
 
 def softmax_attention(

@@ -127,7 +127,7 @@ def _window_attention(q, k, v, windows, causal, softmax_scale, implementation, i
             logits_soft_cap=options.logits_soft_cap,
         )
         return forward_mode_guard(op_name, (q, k, v), lambda: _softmax_kernels.attention(
-            q, k, v, plan, options.segments, options.sinks))
+            q, k, v, plan, options.segments, options.sinks, op_name))
 
     return _on_local_heads(run, WindowMask(windows, bool(causal)), head_axis_name)
 
@@ -298,7 +298,7 @@ def sparse_attention(
             plan = _softmax_kernels.Plan(mask, scale, triton_config=kernel_config, interpret=interpret,
                                          logits_soft_cap=options.logits_soft_cap)
             return forward_mode_guard("sparse_attention", (q, k, v), lambda: _softmax_kernels.attention(
-                q, k, v, plan, options.segments, options.sinks))
+                q, k, v, plan, options.segments, options.sinks, "sparse_attention"))
         q_pos, k_pos = reference.causal_positions(q.shape[1], k.shape[1])
         visible = mask.visible(q_pos, k_pos, -(-k.shape[1] // block_size))[None]
         return options.xla(q, k, v, visible, scale)
