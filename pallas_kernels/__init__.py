@@ -27,7 +27,13 @@ Guarantees (every op, both paths unless said):
 from pallas_kernels._mosaic.softmax import MosaicConfig
 from pallas_kernels._triton.decode import DecodeConfig
 from pallas_kernels._triton.softmax import KernelConfig
-from pallas_kernels.context_parallel import context_parallel_attention, context_parallel_linear_attention
+from pallas_kernels.context_parallel import (
+    context_parallel_attention,
+    context_parallel_linear_attention,
+    from_zigzag,
+    to_zigzag,
+    zigzag_order,
+)
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.masks import SparseMask, WindowMask, sparse_mask
 from pallas_kernels.reference import LinearState
@@ -51,8 +57,11 @@ __all__ = [
     "context_parallel_linear_attention",
     "decode_attention",
     "flash_attention",
+    "from_zigzag",
     "linear_attention",
     "multiscale_attention",
     "sparse_attention",
     "sparse_mask",
+    "to_zigzag",
+    "zigzag_order",
 ]

@@ -1,6 +1,7 @@
 """Context parallelism on 2, 4 and 8 host devices: the sharded ops equal the unsharded ones, forward and gradients.
 
-The sequence is sharded in contiguous blocks over the mesh axis ``"seq"``; the ops run inside ``jax.shard_map``.
+The sequence is sharded in contiguous blocks over the mesh axis ``"seq"`` (or reordered into the zigzag layout first,
+``layout="zigzag"``); the ops run inside ``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
+from jax.extend.core import jaxprs_in_params
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
@@ -77,6 +79,102 @@ def test_softmax_context_parallel_pallas_interpret(case):
     _check(sharded, unsharded, q, k, v, ct, mesh, tol=1e-4)
 
 
+def _zigzagged(sharded, n):
+    """``sharded`` (zigzag layout) as a function of the sequence in order: reorder, shard, run, gather, order back."""
+    return lambda *qkv: pk.from_zigzag(sharded(*(pk.to_zigzag(x, n) for x in qkv)), n)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("case", ["causal", "full"])
+def test_softmax_context_parallel_zigzag_equals_unsharded_xla(n, case):
+    mesh, kwargs = _mesh(n), CASES[case]
+    q, k, v, ct = _qkv(8 * n, seed=3)
+    sharded = _sharded(functools.partial(pk.context_parallel_attention, axis_name="seq", layout="zigzag",
+                                         implementation="xla", **kwargs), mesh)
+    unsharded = functools.partial(pk.flash_attention, implementation="xla", **kwargs)
+    _check(_zigzagged(sharded, n), unsharded, q, k, v, ct, mesh)
+
+
+def test_softmax_context_parallel_zigzag_odd_heads_xla():
+    """Three query heads sharing one KV head, local length 6 (chunks of 3)."""
+    mesh = _mesh(4)
+    q, k, v, ct = _qkv(24, heads=3, kv_heads=1, seed=4)
+    sharded = _sharded(functools.partial(pk.context_parallel_attention, axis_name="seq", layout="zigzag",
+                                         implementation="xla"), mesh)
+    _check(_zigzagged(sharded, 4), functools.partial(pk.flash_attention, implementation="xla"), q, k, v, ct, mesh)
+
+
+def test_softmax_context_parallel_zigzag_pallas_interpret():
+    """As ``test_softmax_context_parallel_pallas_interpret``, in the zigzag layout (blocks of 8 x 4 and 4 x 8)."""
+    mesh = _mesh(4)
+    q, k, v, ct = _qkv(32, seed=5)
+    sharded = _sharded(functools.partial(pk.context_parallel_attention, axis_name="seq", layout="zigzag",
+                                         implementation="pallas", interpret=True), mesh, check_vma=False)
+    unsharded = functools.partial(pk.flash_attention, implementation="xla")
+    _check(_zigzagged(sharded, 4), unsharded, q, k, v, ct, mesh, tol=1e-4)
+
+
+def test_zigzag_layout_helpers():
+    # 16 positions on 2 devices: chunks of 4; device 0 holds chunks 0 and 3, device 1 chunks 1 and 2.
+    np.testing.assert_array_equal(pk.zigzag_order(16, 2), [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
+    np.testing.assert_array_equal(pk.zigzag_order(8, 4), [0, 7, 1, 6, 2, 5, 3, 4])
+    np.testing.assert_array_equal(pk.zigzag_order(6, 1), np.arange(6))
+    x = np.arange(2 * 24 * 3).reshape(2, 24, 3)
+    for n in (1, 2, 3, 4):
+        z = pk.to_zigzag(x, n)
+        assert isinstance(z, np.ndarray)
+        np.testing.assert_array_equal(z, x[:, pk.zigzag_order(24, n)])
+        np.testing.assert_array_equal(pk.from_zigzag(z, n), x)
+        np.testing.assert_array_equal(pk.from_zigzag(pk.to_zigzag(jnp.asarray(x), n), n), x)
+        np.testing.assert_array_equal(pk.to_zigzag(x.swapaxes(0, 1), n, axis=0), z.swapaxes(0, 1))
+        np.testing.assert_array_equal(pk.to_zigzag(x.swapaxes(1, 2), n, axis=-1), z.swapaxes(1, 2))
+
+
+def _matmul_flops(jaxpr) -> int:
+    """FLOPs of the matrix products in ``jaxpr`` (dot_generals with free dimensions on both operands: the block
+    products, not per-row reductions), sub-jaxprs included once (a loop body counts one iteration)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            lhs, rhs = (x.aval.shape for x in eqn.invars)
+            if len(lhs) > len(lc) + len(lb) and len(rhs) > len(rc) + len(rb):
+                total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in lc]))
+        total += sum(_matmul_flops(sub) for sub in jaxprs_in_params(eqn.params))
+    return total
+
+
+def _ring_branches(jaxpr, in_loop=False):
+    """Matrix-product FLOPs of each branch of every ``cond`` inside a loop: one list per ring step's choice."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond" and in_loop:
+            yield [_matmul_flops(branch.jaxpr) for branch in eqn.params["branches"]]
+        for sub in jaxprs_in_params(eqn.params):
+            yield from _ring_branches(sub, in_loop or eqn.primitive.name in ("scan", "while"))
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_zigzag_balances_the_causal_ring(n):
+    """At every ring step a device either computes with the received block or not, as the traced program's ``cond``
+    decides from its index. Contiguous causal: one branch is a whole block product, the other nothing (device ``r``
+    computes at ``r`` of the ``n - 1`` steps). Zigzag: both branches are half of that block product, so every device
+    does the same work at every step, forward and backward."""
+    mesh = _mesh(n)
+    q, k, _, _ = _qkv(8 * n)
+
+    def branches(layout):
+        local = functools.partial(pk.context_parallel_attention, axis_name="seq", layout=layout, implementation="xla")
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(SEQ,) * 3, out_specs=SEQ)
+        loss = lambda *a: jnp.sum(fn(*a))
+        return list(_ring_branches(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k).jaxpr))
+
+    contiguous, zigzag = branches("contiguous"), branches("zigzag")
+    assert len(contiguous) == len(zigzag) == 2  # the forward's ring and the backward's
+    for (nothing, block), (earlier, later) in zip(contiguous, zigzag):
+        assert nothing == 0 and block > 0
+        assert earlier == later == block // 2
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n", [2, 8])
 def test_linear_context_parallel_equals_unsharded(n, causal):
@@ -105,3 +203,18 @@ def test_context_parallel_rejects_what_it_cannot_compute():
         call(causal=False, window_size=4)
     with pytest.raises(ValueError, match="window_size must be a positive int"):
         call(window_size=0)
+    with pytest.raises(ValueError, match="layout must be one of \\('contiguous', 'zigzag'\\), got 'ring'"):
+        call(layout="ring")
+    with pytest.raises(ValueError, match="layout='zigzag'.*window_size=4.*layout='contiguous'"):
+        call(layout="zigzag", window_size=4)
+    odd = _sharded(functools.partial(pk.context_parallel_attention, axis_name="seq", layout="zigzag"), mesh)
+    with pytest.raises(ValueError, match="local length L must be even, got 3"):
+        odd(*_qkv(6)[:3])
+    with pytest.raises(ValueError, match="seq_len must be a multiple of it, got seq_len=12"):
+        pk.zigzag_order(12, 4)
+    with pytest.raises(ValueError, match="num_devices must be a positive int, got 0"):
+        pk.to_zigzag(np.zeros((1, 8)), 0)
+    with pytest.raises(TypeError, match="num_devices must be an int"):
+        pk.zigzag_order(8, 2.0)
+    with pytest.raises(ValueError, match="axis must be in \\[-2, 2\\)"):
+        pk.from_zigzag(np.zeros((1, 8)), 2, axis=2)
