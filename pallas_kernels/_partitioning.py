@@ -4,8 +4,9 @@ heads, with no collective (``jax.experimental.custom_partitioning``).
 A kernel call is described by the layout of each array it takes and returns, one letter per dimension: ``b`` batch,
 ``h`` query heads, ``k`` key/value heads, ``.`` anything else (kept whole on every device). Batch follows the mesh
 axes of the first argument's batch dimension; heads follow the mesh axes of its head dimension when every device
-then holds whole KV heads with their query groups (``kv_heads`` divisible by the number of head shards) and the
-kernel's mask does not depend on the head index; otherwise heads stay whole (gathered), batch is still split.
+then holds whole KV heads with their query groups (``kv_heads`` divisible by the number of head shards); otherwise
+heads stay whole (gathered), batch is still split. A mask that differs between heads (per-head windows, sparse random
+blocks) is split too: each device runs the mask of the global heads it holds (``per_head_shard``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ def partitioned(
     out_layouts: Sequence[str],
     *,
     group: int,
-    heads_splittable: bool = True,
     head_dependent: bool = False,
 ) -> Callable[..., Any]:
     """``kernel(*arrays)`` (one array per layout, results in ``out_layouts`` order) that partitions over batch/heads.
@@ -37,12 +37,12 @@ def partitioned(
     ``kernel`` is called on each device's shards and must compute the same function of them as of the whole arrays.
     ``head_dependent``: the kernel's result depends on which heads a device holds (per-head windows, sparse random
     blocks); it is then called as ``kernel(*arrays, head_shard=(index, count))`` with the device's head shard
-    (a traced index) and the number of shards. ``heads_splittable=False`` keeps heads whole.
+    (a traced index) and the number of shards.
     """
     single = len(out_layouts) == 1
 
     def specs(mesh, arg_shapes):
-        batch_axes, head_axes = _axes(mesh, arg_shapes, in_layouts, group, heads_splittable)
+        batch_axes, head_axes = _axes(mesh, arg_shapes, in_layouts, group)
         make = lambda layout: NamedSharding(
             mesh, P(*(batch_axes if c == "b" else head_axes if c in "hk" else None for c in layout)))
         return [make(layout) for layout in in_layouts], [make(layout) for layout in out_layouts], head_axes
@@ -97,7 +97,7 @@ def _rule(in_layouts: Sequence[str], out_layouts: Sequence[str], group: int) -> 
     return f"{', '.join(map(factors, in_layouts))} -> {', '.join(map(factors, out_layouts))}"
 
 
-def _axes(mesh, arg_shapes, in_layouts: Sequence[str], group: int, heads_splittable: bool):
+def _axes(mesh, arg_shapes, in_layouts: Sequence[str], group: int):
     """Mesh axes of the batch and head dimensions, taken from the first argument with each dimension."""
     batch_axes = head_axes = None
     for shape, layout in zip(arg_shapes, in_layouts):
@@ -105,7 +105,7 @@ def _axes(mesh, arg_shapes, in_layouts: Sequence[str], group: int, heads_splitta
         if batch_axes is None and "b" in layout:
             batch_axes = _fitting(mesh, spec[layout.index("b")], shape.shape[layout.index("b")])
         for c in "hk":
-            if head_axes is None and c in layout and heads_splittable:
+            if head_axes is None and c in layout:
                 kv_heads = shape.shape[layout.index(c)] // (group if c == "h" else 1)
                 head_axes = _fitting(mesh, spec[layout.index(c)], kv_heads)
     return batch_axes, head_axes
@@ -122,7 +122,8 @@ def _fitting(mesh, axes: Any, size: int):
 
 def per_head_shard(run: Callable[[Any], Any], mask: Any, shard: Any, num_shards: int) -> Any:
     """``run(local_mask)`` with ``local_mask`` the heads of head shard ``shard`` (traced) of ``num_shards`` equal
-    shards of ``mask`` (``WindowMask`` or ``SparseMask``): one static branch per shard (``lax.switch``)."""
+    shards of ``mask`` (anything with ``num_heads`` and ``heads(start, count)``: ``WindowMask``, ``SparseMask``, the
+    decode kernel's masks): one static branch per shard (``lax.switch``)."""
     if num_shards == 1:
         return run(mask)
     local = mask.num_heads // num_shards

@@ -43,7 +43,8 @@ OPS = {
     "sparse": lambda q, k, v, **o: pk.sparse_attention(q, k, v, block_size=8, num_random_blocks=1, **o),
     "sparse_no_random": lambda q, k, v, **o: pk.sparse_attention(q, k, v, block_size=8, num_random_blocks=0, **o),
 }
-# Masks that differ between heads keep heads whole on each device (the batch is still split).
+# Masks that differ between heads (multiscale, sparse random blocks) split their heads too: each device runs the mask
+# of the global heads it holds.
 
 
 def _gathers(compiled_text: str) -> int:
@@ -74,6 +75,21 @@ def test_sharded_jit_equals_unsharded_without_gathers(mesh, op, spec):
     assert out.sharding.spec == spec
     for program in compiled:
         assert _gathers(program.as_text()) == 0
+
+
+@pytest.mark.parametrize("spec", [P(None, None, "model"), P("data", None, "model")], ids=str)
+def test_decode_per_head_windows_splits_heads(mesh, spec):
+    """Decoding with one window per head under head sharding: each device runs the windows of its global heads (sinks
+    follow the heads), equal to unsharded, nothing gathered."""
+    q, k, v = _arrays()
+    lengths, windows, sinks = jnp.array([20, 13, 24, 2]), (3, 7, None, 3, 5, None, None, 9), jnp.linspace(-1, 1, 8)
+    decode = lambda q, k, v, **o: pk.decode_attention(q[:, -2:], k, v, lengths, windows, sinks=sinks, **o)
+    forward = jax.jit(functools.partial(decode, **PALLAS))
+    qs, ks, vs = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    out = forward(qs, ks, vs)
+    assert relerr(out, decode(q, k, v, implementation="xla")) < 1e-5
+    assert out.sharding.spec == spec
+    assert _gathers(forward.lower(qs, ks, vs).compile().as_text()) == 0
 
 
 def test_device_runs_only_its_shard(mesh):

@@ -331,6 +331,11 @@ class _Windows:
     def heads(self, start: int, count: int) -> _Windows:
         return _Windows(self.windows[start:start + count])
 
+    @property
+    def differs_between_heads(self) -> bool:
+        """Whether heads have different windows (a device must then take the windows of the heads it holds)."""
+        return len(set(self.windows)) > 1
+
     def block_k_hint(self, block_k: int) -> int:
         return block_k
 
@@ -391,6 +396,11 @@ class _Sparse:
 
     def heads(self, start: int, count: int) -> _Sparse:
         return _Sparse(self.sparse.heads(start, count))
+
+    @property
+    def differs_between_heads(self) -> bool:
+        """Whether heads see different blocks: only the random blocks are drawn per head."""
+        return self.sparse.num_random_blocks > 0
 
     def block_k_hint(self, block_k: int) -> int:
         """Key blocks no larger than a mask block where that is a power of two >= 16, so they do not straddle one."""
@@ -602,18 +612,17 @@ def _partitioned_forward(q, k_cache, v_cache, lengths, sinks, mask: _Mask, softm
         local_sinks = rest[0] if rest else None
         run = lambda local: _forward(q, k_cache, v_cache, lengths, local_sinks, local, softmax_scale,
                                      logits_soft_cap, interpret, config)
-        if head_shard is None:
-            # Heads are only split without head_shard when every head has the same mask: any slice is the local one.
+        if head_shard is None:  # every head has the same mask: any slice of it is the local one
             return run(mask if q.shape[2] == mask.num_heads else mask.heads(0, q.shape[2]))
+        # Per-head windows or random blocks: the mask of the device's global heads (one static branch per shard).
         return _partitioning.per_head_shard(run, mask, *head_shard)
 
     arrays = (q, k_cache, v_cache, lengths) + (() if sinks is None else (sinks,))
     if not _partitioning.wanted():
         return kernel(*arrays)
-    head_dependent = isinstance(mask, _Sparse) and mask.sparse.num_random_blocks > 0
     return _partitioning.partitioned(
         kernel, ("b.h.", "b.k.", "b.k.", "b", "h")[: len(arrays)], ("b.h.",), group=q.shape[2] // k_cache.shape[2],
-        heads_splittable=isinstance(mask, _Sparse) or len(set(mask.windows)) == 1, head_dependent=head_dependent,
+        head_dependent=mask.differs_between_heads,
     )(*arrays)
 
 

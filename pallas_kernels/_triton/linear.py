@@ -669,7 +669,7 @@ def _sharded_forward(cfg: "_Config", q, k, v, kv0, ksum0, ids=None):
         out_layouts = ("b.h.", "bk..", "bk.", "bh.", *map(_state_layout, shapes[4:]))
         out, kv, ksum, den, *states = _partitioning.partitioned(
             kernel, ("b.h.", "b.k.", "b.k.", "bk..", "bk.", *("b." for _ in ids)), out_layouts,
-            group=q.shape[2] // k.shape[2], heads_splittable=True,
+            group=q.shape[2] // k.shape[2],
         )(*args)
     return out, kv, ksum, den, _ChunkStates(*states)
 
@@ -690,7 +690,6 @@ def _sharded_backward(cfg: "_Config", q, k, v, out, den, states: _ChunkStates, i
                   "bk..", "bk.")
     return _partitioning.partitioned(
         kernel, in_layouts, ("b.h.", "b.k.", "b.k.", "bk..", "bk."), group=q.shape[2] // k.shape[2],
-        heads_splittable=True,
     )(*args)
 
 
