@@ -1,7 +1,8 @@
-"""Mosaic GPU softmax kernels on the H200: an interleaved A/B of ``MosaicConfig`` variants at d128, then the d64 and
-d256 rows beside cuDNN (issue 13). Batch 2, 32 query / 8 KV heads, S=8192, bf16; forward and forward+backward ms.
+"""Mosaic GPU softmax kernels on the H200: each ``MosaicConfig`` variant's gradients checked against the float32 XLA
+path on the GPU tests' cases, an interleaved A/B of the variants at d128 and d64 beside cuDNN, then the d64 and d256
+rows beside cuDNN (issue 13). Batch 2, 32 query / 8 KV heads, S=8192, bf16; forward and forward+backward ms.
 
-    PYTHONPATH=. python benchmarks/ab_mosaic.py OUT.json [--part ab|head_dims]
+    PYTHONPATH=. python benchmarks/ab_mosaic.py OUT.json [--part check ab head_dims]
 
 Each measurement is printed as a JSON line as soon as it is taken (a run cut short keeps what it printed); the file is
 written at the end. At d256 the Mosaic backward does not fit in shared memory, so the forward+backward row of
@@ -22,7 +23,7 @@ from complexity_jax.profiling import median_ms
 from pallas_kernels._mosaic.softmax import MosaicConfig
 
 SEQ_LEN, BATCH, HEADS, KV_HEADS = 8192, 2, 32, 8
-VARIANTS = {"default": MosaicConfig(), "stages_bwd3": MosaicConfig(stages_bwd=3)}
+VARIANTS = {"two_kernels": MosaicConfig(fused_backward=False), "fused": MosaicConfig(fused_backward=True)}
 CASES = {"full": False, "causal": True}
 
 
@@ -34,25 +35,61 @@ def inputs(head_dim: int):
 
 
 def timed(fn, q, k, v, ct, head_dim: int, causal: bool, **labels) -> dict:
+    """``fn`` is a pair of jitted (forward, forward+backward) functions or one function to jit both ways."""
+    fwd, fb = fn if isinstance(fn, tuple) else (jax.jit(fn), jax.jit(_grad_fn(fn)))
     pairs = SEQ_LEN * (SEQ_LEN + 1) // 2 if causal else SEQ_LEN * SEQ_LEN
     flops = 4 * BATCH * HEADS * head_dim * pairs
-    fwd_ms = median_ms(jax.jit(fn), q, k, v, repeats=10)
-    fb_ms = median_ms(jax.jit(_grad_fn(fn)), q, k, v, ct, repeats=10)
-    row = dict(labels, head_dim=head_dim, fwd_ms=fwd_ms, fwd_tflops=flops / fwd_ms / 1e9, fwd_bwd_ms=fb_ms,
-               fwd_bwd_tflops=3.5 * flops / fb_ms / 1e9)
+    try:
+        fwd_ms = median_ms(fwd, q, k, v, repeats=10)
+        fb_ms = median_ms(fb, q, k, v, ct, repeats=10)
+        row = dict(labels, head_dim=head_dim, fwd_ms=fwd_ms, fwd_tflops=flops / fwd_ms / 1e9, fwd_bwd_ms=fb_ms,
+                   fwd_bwd_tflops=3.5 * flops / fb_ms / 1e9)
+    except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result, not a stop
+        row = dict(labels, head_dim=head_dim, error=f"{type(e).__name__}: {str(e)[:300]}")
     print(json.dumps(row), flush=True)
     return row
 
 
-def config_ab() -> list[dict]:
-    q, k, v, ct = inputs(128)
+def check() -> list[dict]:
+    """Output and gradients of each variant against the float32 XLA path, on the GPU tests' cases."""
+    from tests.test_mosaic_kernels import CASES as TEST_CASES, _op, qkv
+    from tests.conftest import relerr
+
     rows = []
-    for rnd in range(2):  # interleaved rounds: the spread between rounds is the noise
+    for case, (b, sq, skv, h, kvh, d, dtype, window, causal) in TEST_CASES.items():
+        q, k, v, ct = qkv(b, sq, skv, h, kvh, d, dtype)
+        op = _op(window, causal)
+        grad = lambda **o: jax.jit(jax.grad(lambda *a: jnp.sum(op(*a, **o).astype(jnp.float32) * ct), (0, 1, 2)))
+        want = grad(implementation="xla")(*(x.astype(jnp.float32) for x in (q, k, v)))
+        for name, cfg in VARIANTS.items():
+            try:
+                got = grad(implementation="pallas_mosaic", kernel_config=cfg)(q, k, v)
+                errors = [relerr(g, w) for g, w in zip(got, want)]
+                nan = any(bool(jnp.isnan(g).any()) for g in got)
+                row = dict(part="check", case=case, variant=name, dq=errors[0], dk=errors[1], dv=errors[2], nan=nan)
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result, not a stop
+                row = dict(part="check", case=case, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def config_ab() -> list[dict]:
+    rows = []
+    for head_dim in (128, 64):
+        q, k, v, ct = inputs(head_dim)
+        variants = {}
         for case, causal in CASES.items():
-            for name, cfg in VARIANTS.items():
-                fn = lambda q, k, v, cfg=cfg, causal=causal: pk.flash_attention(
-                    q, k, v, causal=causal, implementation="pallas_mosaic", kernel_config=cfg)
-                rows.append(timed(fn, q, k, v, ct, 128, causal, part="ab", case=case, variant=name, round=rnd))
+            fns = {name: lambda q, k, v, cfg=cfg, causal=causal: pk.flash_attention(
+                q, k, v, causal=causal, implementation="pallas_mosaic", kernel_config=cfg)
+                for name, cfg in VARIANTS.items()}
+            fns["cudnn"] = cudnn_or_xla("cudnn", None, causal=causal)
+            variants[case] = {name: (jax.jit(fn), jax.jit(_grad_fn(fn))) for name, fn in fns.items()}
+        for rnd in range(2):  # interleaved rounds: the spread between rounds is the noise
+            for case, causal in CASES.items():
+                for name, fns in variants[case].items():
+                    rows.append(timed(fns, q, k, v, ct, head_dim, causal, part="ab", case=case, variant=name,
+                                      round=rnd))
     return rows
 
 
@@ -70,6 +107,8 @@ def head_dim_rows() -> list[dict]:
 
 def main(path: str, parts: list[str]) -> None:
     rows = []
+    if "check" in parts:
+        rows += check()
     if "ab" in parts:
         rows += config_ab()
     if "head_dims" in parts:
@@ -79,5 +118,5 @@ def main(path: str, parts: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    chosen = sys.argv[sys.argv.index("--part") + 1:] if "--part" in sys.argv else ["ab", "head_dims"]
+    chosen = sys.argv[sys.argv.index("--part") + 1:] if "--part" in sys.argv else ["check", "ab", "head_dims"]
     main(sys.argv[1], chosen)

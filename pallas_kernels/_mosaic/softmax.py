@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from pallas_kernels._vma import out_struct
+from pallas_kernels._vma import out_struct, vary_like
 from pallas_kernels.block_ranges import BlockRange, Geometry, kv_block_range, q_block_range
 from pallas_kernels.masks import UNLIMITED_WINDOW, WindowMask
 
@@ -48,7 +48,9 @@ HEAD_DIMS = (64, 128, 256)
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Tiles of the Mosaic kernels: each of the two consumer warpgroups owns ``block_q`` query rows (forward, dQ) or
-    ``block_kv_bwd`` key rows (dK/dV); ``stages`` tiles are in flight in shared memory."""
+    ``block_kv_bwd`` key rows (dK/dV); ``stages`` tiles are in flight in shared memory. ``fused_backward``: one
+    backward kernel whose dK/dV loop also adds each tile pair's dQ share into an fp32 buffer in global memory (TMA
+    reductions; 5 matrix products per tile pair instead of the two kernels' 7, dQ's summation order unspecified)."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -56,6 +58,7 @@ class MosaicConfig:
     block_q_bwd: int = 64
     block_kv_bwd: int = 64
     stages_bwd: int = 2
+    fused_backward: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
@@ -227,6 +230,22 @@ def _kernel_call(body, *, inputs, out_type, scratch, grid, grid_names):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
+
+
+def _accumulating_kernel_call(body, *, inputs, initial, scratch, grid, grid_names):
+    """As ``_kernel_call``, for a kernel whose outputs start from ``initial`` (e.g. zeros it adds into): the output
+    buffers are ``pl.run_state`` refs, aliased in place; the inputs are only read, so they are not copied."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
+
+    def stateful(refs):
+        in_refs, out_refs = refs
+
+        @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(approx_math=True))
+        def _():
+            pl.run_scoped(lambda *scratch_refs: body(*in_refs, *out_refs, scratch_refs), *scratch,
+                          collective_axes="wg")
+
+    return pl.run_state(stateful)((tuple(inputs), tuple(initial)))[1]
 
 
 def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, kv_head, start, stop, block_kv, stages):
@@ -463,15 +482,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     program_k = lax.axis_index("kv_seq")
 
-    def query_blocks(w, window):
-        j0 = program_k * (2 * bk) + w * bk
-        return q_block_range(j0, jnp.minimum(j0 + bk, st.kv_len) - 1, window, st, bq)
-
-    def head_steps(g):
-        """Query head ``g`` of the group: its index, window and the query blocks streamed for it."""
-        head = kv_head * group + g
-        window = _head_window(windows, head)
-        return head, window, *_union(query_blocks(0, window), query_blocks(1, window))
+    query_blocks, head_steps = _query_head_steps(kv_head, program_k, windows, st, group, bq, bk)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -546,23 +557,176 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
+        _stream_query_rows((q_ref, do_ref, lse_ref, delta_ref), (q_smem, do_smem, lse_smem, delta_smem), rings,
+                           batch, head_steps, group, bq, stages)
 
-        def head_step(g, base):
-            head, _, start, stop = head_steps(g)
 
-            def copies(step, slot):
-                rows, row_vectors = (batch, pl.ds(step * bq, bq), head), (batch, head, pl.ds(step * bq, bq))
-                return (
-                    (q_ref.at[rows], q_smem.at[slot], q_ring),
-                    (do_ref.at[rows], do_smem.at[slot], do_ring),
-                    (lse_ref.at[row_vectors], lse_smem.at[slot], lse_ring),
-                    (delta_ref.at[row_vectors], delta_smem.at[slot], delta_ring),
-                )
+def _query_head_steps(kv_head, program_k, windows, st: Geometry, group: int, bq: int, bk: int):
+    """For the dK/dV kernels, whose two consumers own key tiles ``program_k * 2 + w`` (``w`` in 0, 1):
+    ``query_blocks(w, window)``, the query blocks that see consumer ``w``'s keys, and ``head_steps(g)``, query head
+    ``g`` of the group as ``(head, window, start, stop)`` with ``[start, stop)`` the query blocks streamed for it."""
 
-            _produce(base, start, stop, stages, copies)
-            return base + (stop - start)
+    def query_blocks(w, window):
+        j0 = program_k * (2 * bk) + w * bk
+        return q_block_range(j0, jnp.minimum(j0 + bk, st.kv_len) - 1, window, st, bq)
 
-        lax.fori_loop(0, group, head_step, jnp.int32(0))
+    def head_steps(g):
+        head = kv_head * group + g
+        window = _head_window(windows, head)
+        return head, window, *_union(query_blocks(0, window), query_blocks(1, window))
+
+    return query_blocks, head_steps
+
+
+def _stream_query_rows(refs, smems, rings, batch, head_steps, group: int, bq: int, stages: int) -> None:
+    """Producer of the dK/dV kernels: for each query head of the group, its Q, dO, lse and delta tiles over the
+    query blocks ``head_steps`` names, one stream through the ``stages`` slots."""
+    q_ref, do_ref, lse_ref, delta_ref = refs
+
+    def head_step(g, base):
+        head, _, start, stop = head_steps(g)
+
+        def copies(step, slot):
+            rows, row_vectors = (batch, pl.ds(step * bq, bq), head), (batch, head, pl.ds(step * bq, bq))
+            return tuple((src.at[index], dst.at[slot], ring) for src, index, dst, ring in zip(
+                refs, (rows, rows, row_vectors, row_vectors), smems, rings))
+
+        _produce(base, start, stop, stages, copies)
+        return base + (stop - start)
+
+    lax.fori_loop(0, group, head_step, jnp.int32(0))
+
+
+def _shares_dq_columns(head_dim: int) -> bool:
+    """Fused backward: at head_dim >= 128 the two consumers split dQ's columns, each over both key tiles (one fp32
+    reduction per 128 keys and query tile); at 64 a column half would be narrower than a 64-wide smem tile, so each
+    consumer reduces its own key tile's share of all columns."""
+    return head_dim >= 128
+
+
+def _fused_backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, scratch, *,
+                           st: Geometry, windows, group: int, config: MosaicConfig):
+    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem), rings, key_ready, ds_ready = scratch
+    q_ring, do_ring, lse_ring, delta_ring = rings
+    bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
+    batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
+    program_k = lax.axis_index("kv_seq")
+    query_blocks, head_steps = _query_head_steps(kv_head, program_k, windows, st, group, bq, bk)
+    shared = _shares_dq_columns(st.head_dim)
+    dq_cols = st.head_dim // 2 if shared else st.head_dim
+
+    def both_consumers_here():
+        plgpu.barrier_arrive(ds_ready)
+        plgpu.barrier_wait(ds_ready)
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        own = pl.ds(wg * bk, bk)
+        k_own, v_own = k_smem.at[own], v_smem.at[own]
+        j0 = program_k * (2 * bk) + wg * bk
+        keys = (batch, pl.ds(j0, bk), kv_head)
+        for (src, dst), ready in zip(((k_ref.at[keys], k_own), (v_ref.at[keys], v_own)), key_ready):
+            plgpu.copy_gmem_to_smem(src, dst, ready.at[wg])
+        for ready in key_ready:
+            plgpu.barrier_wait(ready.at[wg])
+        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA) + j0
+        q_iota = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA) + st.offset
+        # dQ rows of a query tile: shared, the consumer's column half from both key tiles; else all columns from its
+        # own key tile.
+        ds_keys, dq_keys = (ds_smem, k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)]) if shared else (
+            ds_smem.at[:, own], k_own)
+
+        def add_dq(stream_step, step, head):
+            """dQ share of query tile ``step`` (head ``head``) into the fp32 buffer: dS^T K over ``dq_keys``."""
+            buffer = lax.rem(stream_step, 2)
+
+            def dq_product(acc_ref):
+                plgpu.wgmma(acc_ref, ds_keys.at[buffer].transpose((1, 0)), dq_keys)
+                return acc_ref[...]
+
+            dq = pl.run_scoped(dq_product, plgpu.ACC((bq, dq_cols), jnp.float32))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous reduction has read dq_smem
+            dq_smem.at[wg][...] = dq
+            plgpu.commit_smem()
+            columns = pl.ds(wg * dq_cols, dq_cols) if shared else pl.ds(0, dq_cols)
+            plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, pl.ds(step * bq, bq), head, columns],
+                                    reduction_op="add")
+
+        def grads(dk_acc, dv_acc):
+            def head_step(g, base):
+                head, window, start, stop = head_steps(g)
+
+                def compute(step, carry, masked: bool):
+                    slot = lax.rem(base + step - start, stages)
+                    buffer = lax.rem(base + step - start, 2)
+                    for ring in rings:
+                        ring.wait(slot)
+
+                    def score_products(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dp_ref, v_own, do_smem.at[slot].transpose((1, 0)))
+                        s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP^T still in flight
+                        lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        lse_ring.release(slot)
+                        delta_ring.release(slot)
+                        if masked:
+                            seen = _visible(q_iota + step * bq, k_pos, window, st.causal, st.kv_len)
+                            s_t = jnp.where(seen, s_t, -jnp.inf)
+                        p_t = jnp.exp2(s_t * st.qk_scale - _rows_of(lse, 1, s_t.shape))
+                        plgpu.wgmma(dv_acc, p_t.astype(q_smem.dtype), do_smem.at[slot])
+                        dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV still in flight
+                        return p_t * (dp_t - _rows_of(delta, 1, s_t.shape))
+
+                    acc = plgpu.ACC((bk, bq), jnp.float32)
+                    ds_t = pl.run_scoped(score_products, acc, acc)
+                    ds_own = ds_smem.at[buffer, own]
+                    ds_own[...] = ds_t.astype(ds_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.wgmma(dk_acc, ds_own, q_smem.at[slot])
+                    if shared:
+                        both_consumers_here()
+                    add_dq(base + step - start, step, head)  # waits for dV and dK too
+                    q_ring.release(slot)
+                    do_ring.release(slot)
+                    return carry
+
+                def skip(step, carry):
+                    slot = lax.rem(base + step - start, stages)
+                    for ring in rings:
+                        ring.wait(slot)
+                        ring.release(slot)
+                    if shared:  # the other consumer's keys see this query tile: add their dQ share, ours zero
+                        ds_smem.at[lax.rem(base + step - start, 2), own][...] = plgpu.layout_cast(
+                            jnp.zeros((bk, bq), ds_smem.dtype), plgpu.Layout.WGMMA)
+                        plgpu.commit_smem()
+                        both_consumers_here()
+                        add_dq(base + step - start, step, head)
+                    return carry
+
+                _run_range(query_blocks(wg, window), start, stop, compute, skip, None)
+                return base + (stop - start)
+
+            lax.fori_loop(0, group, head_step, jnp.int32(0))
+            return dk_acc[...], dv_acc[...]
+
+        acc = plgpu.ACC((bk, st.head_dim), jnp.float32)
+        dk, dv = pl.run_scoped(grads, acc, acc)
+        if shared:  # the other consumer's last dQ product has read our K rows
+            both_consumers_here()
+        k_own[...] = (dk * st.softmax_scale).astype(k_smem.dtype)
+        v_own[...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_own, dk_ref.at[keys])
+        plgpu.copy_smem_to_gmem(v_own, dv_ref.at[keys])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        _stream_query_rows((q_ref, do_ref, lse_ref, delta_ref), (q_smem, do_smem, lse_smem, delta_smem), rings,
+                           batch, head_steps, group, bq, stages)
 
 
 def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: MosaicConfig):
@@ -574,6 +738,26 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
     tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)
     vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
     common = dict(st=st, windows=windows, group=group, config=config)
+    if config.fused_backward:
+        f32_transforms = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+        dq_cols = head_dim // 2 if _shares_dq_columns(head_dim) else head_dim
+        dq_acc, dk, dv = _accumulating_kernel_call(
+            functools.partial(_fused_backward_kernel, **common),
+            inputs=(q, k, v, do, lse, delta),
+            initial=(vary_like(jnp.zeros(q.shape, jnp.float32), q), vary_like(jnp.zeros_like(k), q),
+                     vary_like(jnp.zeros_like(v), q)),
+            scratch=(
+                (tile(2 * bk, head_dim), tile(2 * bk, head_dim), tile(stages, bq, head_dim),
+                 tile(stages, bq, head_dim), vector(stages, bq), vector(stages, bq), tile(2, 2 * bk, bq),
+                 plgpu.SMEM((2, bq, dq_cols), jnp.float32, transforms=f32_transforms)),
+                _rings(4, stages),
+                tuple(plgpu.Barrier(num_barriers=2) for _ in range(2)),
+                plgpu.Barrier(num_arrivals=2),
+            ),
+            grid=(kv_heads, kv_len_padded // (2 * bk), batch),
+            grid_names=("kv_heads", "kv_seq", "batch"),
+        )
+        return (dq_acc * st.softmax_scale).astype(q.dtype), dk, dv
     dq = _kernel_call(
         functools.partial(_dq_kernel, **common),
         inputs=(q, k, v, do, lse, delta),
