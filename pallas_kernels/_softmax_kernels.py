@@ -127,14 +127,7 @@ def _partitioned(run, plan: Plan, arrays: tuple[Array, ...], in_layouts, out_lay
 
     q, k = arrays[0], arrays[1]
     return _partitioning.partitioned(kernel, in_layouts, out_layouts, group=q.shape[2] // k.shape[2],
-                                     head_dependent=_head_dependent(plan.mask))(*arrays)
-
-
-def _head_dependent(mask: WindowMask | SparseMask) -> bool:
-    """Whether the mask differs between heads (multi-scale windows, sparse random blocks)."""
-    if isinstance(mask, SparseMask):
-        return mask.num_random_blocks > 0
-    return len(set(mask.windows)) > 1
+                                     head_dependent=plan.mask.differs_between_heads)(*arrays)
 
 
 def _local_plan(plan: Plan, num_heads: int) -> Plan:

@@ -39,6 +39,11 @@ class WindowMask:
         """The mask of query heads ``[start, start + count)`` (a device holding a slice of the heads)."""
         return WindowMask(self.windows[start:start + count], self.causal)
 
+    @property
+    def differs_between_heads(self) -> bool:
+        """Whether heads have different windows (multi-scale): a device holding some heads needs their windows."""
+        return len(set(self.windows)) > 1
+
     def window_array(self) -> np.ndarray:
         """int32 ``[heads]`` windows, ``UNLIMITED_WINDOW`` for ``None``."""
         return np.array([UNLIMITED_WINDOW if w is None else w for w in self.windows], np.int32)
@@ -142,6 +147,11 @@ class SparseMask:
     def heads(self, start: int, count: int) -> SparseMask:
         """The mask of heads ``[start, start + count)`` of this one."""
         return dataclasses.replace(self, num_heads=count, first_head=self.first_head + start)
+
+    @property
+    def differs_between_heads(self) -> bool:
+        """Whether heads see different keys: only the random blocks are drawn per head."""
+        return self.num_random_blocks > 0
 
     def random_blocks(self, num_blocks: int) -> np.ndarray:
         """int32 ``[heads, num_blocks, num_random_blocks]``: the random key blocks of each query block.

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels._triton.decode import DecodeConfig, _split_blocks, _Static, decode_attention, default_config
+from pallas_kernels._triton.decode import (_MIN_BLOCKS_PER_SPLIT, DecodeConfig, _chunk, _deal, _Static,
+                                           _window_blocks, decode_attention, default_config)
 from tests.conftest import gpu_target, relerr
 
 
@@ -108,12 +109,88 @@ def test_splits_cover_exactly_the_visible_blocks(capacity):
                 dist = pos[:, None] - np.arange(capacity)[None, :]
                 seen = ((dist >= 0) & (dist < window)).any(axis=0)
                 want = sorted({j // block for j in np.flatnonzero(seen)})
-                ranges = [tuple(int(x) for x in _split_blocks(jnp.int32(length), jnp.int32(window), jnp.int32(s), st))
-                          for s in range(splits)]
+                first, last = _window_blocks(jnp.int32(length), jnp.int32(window), st)
+                chunk = _chunk((last - first)[None], st)  # a batch of one row: equal splits
+                ranges = [tuple(int(x) for x in _deal(first, last, jnp.int32(s), chunk)) for s in range(splits)]
                 got = [kb for start, end in ranges for kb in range(start, end)]
                 assert got == want, (capacity, splits, window, length, ranges)
                 per_split = -(-len(want) // splits)
                 assert all(end - start <= per_split for start, end in ranges)
+
+
+def deal_all(first: np.ndarray, last: np.ndarray, st: _Static) -> tuple[int, np.ndarray, np.ndarray]:
+    """The chunk and the ``[grid_splits, rows]`` ranges of every program of one KV head (``first``/``last`` padded
+    with empty rows past ``st.batch``, as the kernel's padded lengths are)."""
+    first, last = jnp.asarray(first, jnp.int32), jnp.asarray(last, jnp.int32)
+    chunk = _chunk(last - first, st)
+    start, end = _deal(first[None], last[None], jnp.arange(st.grid_splits, dtype=jnp.int32)[:, None], chunk)
+    return int(chunk), np.asarray(start), np.asarray(end)
+
+
+def test_dealing_covers_each_block_once_and_balances_rows():
+    """Property of the dealing over drawn batches: per row the splits' ranges tile ``[first, last)`` in order, each at
+    most one chunk long, within the grid; the active programs stay near ``num_splits * batch``; the chunk keeps to the
+    minimum-blocks guidance where equal splits did; equal rows get the old equal splits, splits past them empty."""
+    rng = np.random.default_rng(0)
+    shapes = [(batch, splits) for batch in (1, 2, 3, 6) for splits in (1, 2, 3, 7)]
+    for case, (batch, splits) in enumerate(shapes * 4):
+        max_entries = int(rng.integers(0, 60))
+        st = _Static(q_len=1, capacity=4096, head_dim=16, block_k=16, num_splits=splits, softmax_scale=1.0,
+                     batch=batch, max_entries=max_entries)
+        assert splits <= st.grid_splits <= min(batch, 2) * splits
+        uniform = case % 3 == 0
+        n = np.full(batch, rng.integers(0, 60)) if uniform else rng.integers(0, 60, batch)
+        n[rng.integers(0, batch)] = max_entries if case % 2 else n.max()  # often a row of the bound's length
+        first = rng.integers(0, 20, batch)
+        pad = 8 - batch  # padding rows (empty ranges); one width keeps eager jnp from compiling per batch size
+        first_p, last_p = np.pad(first, (0, pad)), np.pad(first + n, (0, pad))
+        chunk, start, end = deal_all(first_p, last_p, st)
+        where = (case, batch, splits, max_entries, n.tolist(), chunk)
+        for b in range(batch):
+            got = [kb for s in range(st.grid_splits) for kb in range(start[s, b], end[s, b])]
+            assert got == list(range(first[b], first[b] + n[b])), where
+        assert np.all(end - start <= chunk) and np.all(end >= start), where
+        assert np.all(end[:, batch:] == start[:, batch:]), where
+        active = int(np.sum(end > start))
+        assert active <= splits * batch + batch, where
+        longest = int(n.max())
+        assert chunk >= min(_MIN_BLOCKS_PER_SPLIT, -(-longest // splits)), where
+        if uniform and n.min() == n.max():
+            per = -(-longest // splits)
+            old_start = np.minimum(first[None] + np.arange(splits)[:, None] * per, first + n)
+            np.testing.assert_array_equal(start[:splits, :batch], old_start, err_msg=str(where))
+            np.testing.assert_array_equal(end[:splits, :batch], np.minimum(old_start + per, first + n))
+            assert np.all(start[splits:] == end[splits:]), where
+
+
+def test_dealing_of_a_skewed_batch():
+    """Rows of 32..256 blocks spread evenly (8 rows at the default 9 splits): the longest row gets 16 splits of 16
+    blocks rather than 9 of 29, 72 programs in all; one long row among short ones is capped by the grid (2x)."""
+    st = _Static(q_len=1, capacity=32768, head_dim=128, block_k=128, num_splits=9, softmax_scale=1.0, batch=8,
+                 max_entries=256)
+    assert st.grid_splits == 18
+    n = 32 * np.arange(1, 9)
+    chunk, start, end = deal_all(np.zeros(8), n, st)
+    assert chunk == 16 and np.sum(end > start) == 72 and np.sum(end[:, -1] > start[:, -1]) == 16
+    n = np.array([256] + [1] * 7)
+    chunk, start, end = deal_all(np.zeros(8), n, st)
+    assert chunk == 15 and np.sum(end[:, 0] > start[:, 0]) == 18
+
+
+@pytest.mark.parametrize("windows", [(None,) * 6, (None, 40, None, 5, 9, 3)], ids=["full", "per_head_windows"])
+def test_ragged_batch_equals_xla(windows):
+    """Very different row lengths (1, full capacity and between; GQA 3, head_dim 17, two queries so the row of
+    length 1 has a query that sees nothing, sinks): balanced splits, some past ``num_splits``, equal the XLA path."""
+    batch, t, capacity, heads, kv_heads, head_dim = 5, 2, 320, 6, 2, 17
+    q, k, v = inputs(7, batch, t, capacity, heads, kv_heads, head_dim)
+    lengths, sinks = jnp.array([1, 320, 57, 2, 200]), jnp.linspace(-1.0, 1.5, heads)
+    out = decode_attention(q, k, v, lengths, windows=windows, softmax_scale=0.3, interpret=True, sinks=sinks,
+                           config=DecodeConfig(block_k=16, num_splits=2))
+    want = pk.decode_attention(q, k, v, lengths, windows, softmax_scale=0.3, sinks=sinks, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    without_sinks = run(q, k, v, lengths, windows, num_splits=2)
+    np.testing.assert_allclose(np.asarray(without_sinks), reference(q, k, v, lengths, windows, 0.3), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_default_config_heuristic():

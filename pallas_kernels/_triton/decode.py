@@ -13,11 +13,13 @@ share the kernel:
 
 One program owns a (split, batch row, KV head): it stacks the ``t * group`` queries of that KV group into one
 ``[rows, head_dim]`` tile (row ``r = query * group + head_in_group``, padded to a power of two >= 16), so K/V are
-read once per group and every product is a 2-D ``tl.dot``. The key blocks that can hold a visible slot are dealt
-out to the splits in equal contiguous runs: for windows the range bounded by ``lengths[b]`` and the group's largest
-window (a sliding window costs O(W) per row, whatever the capacity); for a sparse mask a short sorted list of the
-blocks of the band, the global tokens and the group's random blocks, built per (row, KV head) by a few XLA ops
-before the kernel (O(visible blocks), never O(capacity)). Each split writes an unnormalised partial
+read once per group and every product is a 2-D ``tl.dot``. The entries a (row, KV head) loops over are: for
+windows the key blocks bounded by ``lengths[b]`` and the group's largest window (a sliding window costs O(W) per row,
+whatever the capacity); for a sparse mask a short sorted list of the blocks of the band, the global tokens and the
+group's random blocks, built per (row, KV head) by a few XLA ops before the kernel (O(visible blocks), never
+O(capacity)). They are dealt out in contiguous runs of one chunk size shared by the batch's rows (``_chunk``), so a
+ragged batch's long rows get more splits than its short ones and no program carries much more than the average
+(see ``_chunk`` and ``_Static.grid_splits``). Each split writes an unnormalised partial
 ``(acc, max, sum)`` and a jnp step merges them with log-sum-exp weights; attention sinks enter there, as one more
 term of each query head's normaliser.
 
@@ -70,7 +72,8 @@ class DecodeConfig:
     """Launch settings of the decode kernel; ``None`` fields are filled by ``default_config``.
 
     ``block_k``: cache slots per loop step (a power of two >= 16). ``num_splits``: programs the visible key range
-    of each (batch row, KV head) is dealt across.
+    of each (batch row, KV head) is dealt across when all rows have the same length; with ragged lengths it is about
+    the average, a row getting splits in proportion to its own visible blocks (see ``_chunk``).
     """
 
     block_k: int | None = None
@@ -194,7 +197,8 @@ def decode_attention(
 
 
 class _Static(NamedTuple):
-    """Trace-time constants of the kernel."""
+    """Trace-time constants of the kernel. ``batch``: rows of the call; ``max_entries``: a static bound on the
+    entries (key blocks) one (row, KV head) loops over, 0 for unknown."""
 
     q_len: int
     capacity: int
@@ -204,36 +208,77 @@ class _Static(NamedTuple):
     softmax_scale: float
     logits_soft_cap: float | None = None
     fast_tanh: bool = False  # see fast_math
+    batch: int = 1
+    max_entries: int = 0
 
     @property
     def head_dim_padded(self) -> int:
         return _pow2_at_least(self.head_dim)
+
+    @property
+    def grid_splits(self) -> int:
+        """The grid's split axis: the most splits any row may get, ``_chunk`` never giving a row more.
+
+        A row gets ``cdiv(n_b, chunk)`` splits with ``chunk >= cdiv(N, num_splits * batch)`` (``N`` the batch's
+        entries), i.e. about ``num_splits * batch * n_b / N``: never more than ``num_splits`` with one row, and about
+        ``2 * num_splits`` for the longest row of a batch whose lengths are spread evenly over ``[0, capacity]``
+        (``N ~ batch * n_max / 2``). Twice ``num_splits`` covers that; a more skewed batch (one long row among
+        short ones) has its chunk raised to ``cdiv(n_max, grid_splits)``, about half the chunk of equal splits, where
+        a larger axis would cost every call (uniform ones included) more empty programs and merged partials. Neither
+        can a row need more than ``max(num_splits, cdiv(max_entries, _MIN_BLOCKS_PER_SPLIT))`` splits (the floor of
+        ``_chunk``), so where the default ``num_splits`` already stops at that bound (short windows, small caches
+        such as 4096 slots in blocks of 128, most sparse lists) ``grid_splits == num_splits``: there balancing only
+        retires short rows' extra programs, and the longest row's programs (the critical path) stay as they were.
+
+        Cost on a uniform batch (same ranges as equal splits): ``grid_splits - num_splits`` empty programs per
+        (row, KV head), each storing a zero partial of ``rows * head_dim_padded`` floats, and as many more partials
+        read by the merge. At the default config of 8 full rows of capacity 32768 (32 heads, 8 KV heads, head_dim
+        128: 9 splits, 18 in the grid) that is about 10 MB against 1 GB of K/V (under 1%, estimated, not measured);
+        it weighs more on uniform batches of rows much shorter than the capacity, whose few short programs are
+        latency-bound anyway.
+        """
+        s = self.num_splits
+        return min(min(self.batch, 2) * s, max(s, pl.cdiv(self.max_entries, _MIN_BLOCKS_PER_SPLIT)))
 
 
 def _pow2_at_least(n: int) -> int:
     return max(_MIN_BLOCK, pl.next_power_of_2(n))
 
 
-def _split_blocks(
-    length: Int[Array, ""], max_window: Int[Array, ""], split: Int[Array, ""], st: _Static
-) -> tuple[Int[Array, ""], Int[Array, ""]]:
-    """Key blocks ``[start, end)`` of program ``split`` under windows.
-
-    The blocks holding a slot some query of the group may see, ``[length - t - max_window + 1, length)`` clipped
-    to the cache, are dealt out in equal contiguous runs; splits past the end get an empty range.
-    """
-    bk, s = st.block_k, st.num_splits
+def _window_blocks(length: Int[Array, "*b"], max_window: Int[Array, ""], st: _Static
+                   ) -> tuple[Int[Array, "*b"], Int[Array, "*b"]]:
+    """Key blocks ``[first, last)`` holding a slot some query of a group may see under windows:
+    ``[length - t - max_window + 1, length)`` clipped to the cache (elementwise over rows)."""
+    bk = st.block_k
     kv_end = jnp.maximum(jnp.minimum(length, st.capacity), 0)
     first = int_div(jnp.maximum(length - st.q_len - max_window + 1, 0), bk)
-    last = jnp.maximum(int_div(kv_end + bk - 1, bk), first)
-    return _deal(first, last, split, s)
+    return first, jnp.maximum(_cdiv(kv_end, bk), first)
 
 
-def _deal(first, last, split, num_splits: int) -> tuple[Int[Array, ""], Int[Array, ""]]:
-    """Run ``split`` of ``[first, last)`` cut into ``num_splits`` equal contiguous runs (empty past the end)."""
-    per_split = int_div(last - first + num_splits - 1, num_splits)
-    start = jnp.minimum(first + split * per_split, last)
-    return start, jnp.minimum(start + per_split, last)
+def _cdiv(x: Int[Array, "*b"], divisor: int) -> Int[Array, "*b"]:
+    """``ceil(x / divisor)`` for ``x >= 0``."""
+    return int_div(x + (divisor - 1), divisor)
+
+
+def _chunk(entries: Int[Array, " batch"], st: _Static) -> Int[Array, ""]:
+    """Entries per split, shared by the rows of one KV head: ``entries[b]`` is row ``b``'s count (0 on padding rows).
+
+    ``cdiv(N, num_splits * batch)`` for the batch's ``N`` entries, so a row gets splits in proportion to its own
+    entries and the active programs stay about ``num_splits * batch`` (at most ``num_splits * batch + batch``);
+    raised to ``min(_MIN_BLOCKS_PER_SPLIT, cdiv(n_max, num_splits))`` so balancing never cuts chunks below the
+    guidance where equal splits of the longest row kept to it, and to ``cdiv(n_max, grid_splits)`` so the longest
+    row fits the grid. With equal counts it is ``cdiv(n, num_splits)``: the equal splits of every row, as before.
+    """
+    longest = jnp.max(entries)
+    fair = _cdiv(jnp.sum(entries, dtype=entries.dtype), st.num_splits * st.batch)
+    floor = jnp.minimum(_cdiv(longest, st.num_splits), _MIN_BLOCKS_PER_SPLIT)
+    return jnp.maximum(jnp.maximum(fair, floor), jnp.maximum(_cdiv(longest, st.grid_splits), 1))
+
+
+def _deal(first, last, split, chunk) -> tuple[Int[Array, ""], Int[Array, ""]]:
+    """Run ``split`` of ``[first, last)`` cut into contiguous runs of ``chunk`` (empty past the end)."""
+    start = jnp.minimum(first + split * chunk, last)
+    return start, jnp.minimum(start + chunk, last)
 
 
 def _load_kv(ref, slot_ok, st: _Static) -> Array:
@@ -254,7 +299,7 @@ def _scores(qk: Float[Array, "rows block_k"], st: _Static) -> Float[Array, "rows
 
 def _decode_kernel(len_ref, off_ref, mask_refs, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, st: _Static,
                    mask: _Mask):
-    """Grid ``(num_splits, batch, kv_heads)``: one split of the visible key blocks against a stacked query tile.
+    """Grid ``(grid_splits, batch, kv_heads)``: one split of the visible key blocks against a stacked query tile.
 
     ``off_ref`` gives per stacked row its position relative to ``lengths[b]`` (``_NO_ROW`` on padding rows: nothing
     visible); ``q_ref`` is ``[rows, head_dim_padded]``, zero-padded; ``mask_refs`` are the mask's ``inputs``.
@@ -264,7 +309,7 @@ def _decode_kernel(len_ref, off_ref, mask_refs, q_ref, k_ref, v_ref, acc_ref, m_
     length = len_ref[b]
     q_pos = length + plgpu.load(off_ref)
     q = plgpu.load(q_ref)
-    program = mask.program(mask_refs, b, g, length, q_pos, st)
+    program = mask.program(mask_refs, b, g, length, plgpu.load(len_ref), q_pos, st)
 
     def step(e, carry):
         acc, m, l = carry
@@ -292,7 +337,8 @@ def _decode_kernel(len_ref, off_ref, mask_refs, q_ref, k_ref, v_ref, acc_ref, m_
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    start, end = program.entries(split)
+    first, last = program.entries
+    start, end = _deal(first, last, split, _chunk(program.batch_counts, st))
     acc, m, l = lax.fori_loop(start, end, step, carry)
     plgpu.store(acc_ref, acc)
     plgpu.store(m_ref, m)
@@ -301,9 +347,9 @@ def _decode_kernel(len_ref, off_ref, mask_refs, q_ref, k_ref, v_ref, acc_ref, m_
 
 # --------------------------------------------------------------------------------------------------------------
 # Masks. A static mask (``_Windows`` or ``_Sparse``, a jit static argument) builds the arrays its kernel reads
-# (``inputs``, with their ``BlockSpec``s) and, inside the kernel, a program view: the entries ``[start, end)`` a split
-# loops over, the key block of an entry, and per key block which slots to load and which (row, slot) pairs are
-# visible.
+# (``inputs``, with their ``BlockSpec``s) and, inside the kernel, a program view: the entries ``[first, last)`` of its
+# (row, KV head) and the entry counts of every row of its KV head (which the kernel deals out to the splits), the key
+# block of an entry, and per key block which slots to load and which (row, slot) pairs are visible.
 
 
 class _Layout(NamedTuple):
@@ -332,9 +378,8 @@ class _Windows:
         return _Windows(self.windows[start:start + count])
 
     @property
-    def differs_between_heads(self) -> bool:
-        """Whether heads have different windows (a device must then take the windows of the heads it holds)."""
-        return len(set(self.windows)) > 1
+    def definition(self) -> WindowMask:
+        return WindowMask(self.windows, causal=True)
 
     def block_k_hint(self, block_k: int) -> int:
         return block_k
@@ -344,7 +389,7 @@ class _Windows:
         return min(capacity, max(_NO_WINDOW if w is None else w for w in self.windows) + t - 1)
 
     def xla_visible(self, q_pos, k_pos, capacity: int):
-        return WindowMask(self.windows, causal=True).visible(q_pos, k_pos)
+        return self.definition.visible(q_pos, k_pos)
 
     def inputs(self, lengths, offset, lay: _Layout) -> tuple[dict[str, Array], dict[str, pl.BlockSpec]]:
         """int32 ``window [kv_heads, rows]`` of the stacked rows (0 on padding rows: nothing visible)."""
@@ -356,9 +401,12 @@ class _Windows:
         spec = pl.BlockSpec((None, lay.rows), lambda s, b, g: (g, 0))
         return {"window": jnp.asarray(window)}, {"window": spec}
 
-    def program(self, refs, b, g, length, q_pos, st: _Static) -> _WindowProgram:
+    def program(self, refs, b, g, length, lengths, q_pos, st: _Static) -> _WindowProgram:
         window = plgpu.load(refs["window"])
-        return _WindowProgram(window, jnp.max(window), q_pos, length, st)
+        max_window = jnp.max(window)
+        first, last = _window_blocks(lengths, max_window, st)
+        return _WindowProgram(window, max_window, q_pos, length, _window_blocks(length, max_window, st), last - first,
+                              st)
 
 
 class _WindowProgram(NamedTuple):
@@ -366,10 +414,9 @@ class _WindowProgram(NamedTuple):
     max_window: Int[Array, ""]
     q_pos: Int[Array, " rows"]
     length: Int[Array, ""]
+    entries: tuple[Int[Array, ""], Int[Array, ""]]
+    batch_counts: Int[Array, " batch"]
     st: _Static
-
-    def entries(self, split) -> tuple[Int[Array, ""], Int[Array, ""]]:
-        return _split_blocks(self.length, self.max_window, split, self.st)
 
     def block(self, e) -> Int[Array, ""]:
         return e
@@ -398,9 +445,8 @@ class _Sparse:
         return _Sparse(self.sparse.heads(start, count))
 
     @property
-    def differs_between_heads(self) -> bool:
-        """Whether heads see different blocks: only the random blocks are drawn per head."""
-        return self.sparse.num_random_blocks > 0
+    def definition(self) -> SparseMask:
+        return self.sparse
 
     def block_k_hint(self, block_k: int) -> int:
         """Key blocks no larger than a mask block where that is a power of two >= 16, so they do not straddle one."""
@@ -433,9 +479,15 @@ class _Sparse:
 
     def inputs(self, lengths, offset, lay: _Layout) -> tuple[dict[str, Array], dict[str, pl.BlockSpec]]:
         """``blocks [batch, kv_heads, entries]``: the kernel key blocks some query of the group may see, ascending,
-        without repeats; ``counts [batch, kv_heads]`` (padded to powers of two): how many; ``random [batch,
-        kv_heads, slots, rows]`` (if the mask has random blocks): the first slot of each random block of each
-        stacked row, ``_NO_KEY`` where unused."""
+        without repeats; ``counts [batch, kv_heads]`` (batch padded to a power of two with zeros): how many;
+        ``random [batch, kv_heads, slots, rows]`` (if the mask has random blocks): the first slot of each random
+        block of each stacked row, ``_NO_KEY`` where unused.
+
+        A program reads the counts of its KV head's rows, to share one chunk between them (``_chunk``), as under
+        windows. Balancing gains little here: the lists differ little between rows (the band, global tokens and
+        random blocks; only rows shorter than the band hold fewer) and are short (``bounds``), so the default
+        ``num_splits`` is mostly already at ``cdiv(entries, _MIN_BLOCKS_PER_SPLIT)`` and ``grid_splits`` stays at
+        or near ``num_splits``. It is kept so that one dealing serves both masks."""
         sp, bk = self.sparse, lay.block_k
         bs, n_kb = sp.block_size, pl.cdiv(lay.capacity, bk)
         n_band, n_global, per_random, n_entries = self.bounds(lay.t, lay.group, lay.capacity, bk)
@@ -476,25 +528,24 @@ class _Sparse:
         width = pl.next_power_of_2(n_entries)
         arrays["blocks"] = jnp.pad(blocks, ((0, 0), (0, 0), (0, width - n_entries)), constant_values=n_kb)
         specs["blocks"] = pl.BlockSpec((None, None, width), lambda s, b, g: (b, g, 0))
-        padded = (pl.next_power_of_2(batch), pl.next_power_of_2(kvh))
-        arrays["counts"] = jnp.pad(counts, ((0, padded[0] - batch), (0, padded[1] - kvh)))
-        specs["counts"] = pl.BlockSpec(padded, lambda s, b, g: (0, 0))
+        padded = pl.next_power_of_2(batch)
+        arrays["counts"] = jnp.pad(counts, ((0, padded - batch), (0, 0)))
+        specs["counts"] = pl.BlockSpec((padded, None), lambda s, b, g: (0, g))
         return arrays, specs
 
-    def program(self, refs, b, g, length, q_pos, st: _Static) -> _SparseProgram:
+    def program(self, refs, b, g, length, lengths, q_pos, st: _Static) -> _SparseProgram:
         sp = self.sparse
         random = tuple(plgpu.load(refs["random"].at[jnp.int32(slot), :]) for slot in range(sp.num_random_blocks))
-        return _SparseProgram(refs["blocks"], refs["counts"][b, g], SparseRows.at(q_pos, random, sp, st.capacity), st)
+        entries = (jnp.int32(0), refs["counts"][b])
+        return _SparseProgram(refs["blocks"], entries, plgpu.load(refs["counts"]),
+                              SparseRows.at(q_pos, random, sp, st.capacity))
 
 
 class _SparseProgram(NamedTuple):
     blocks_ref: Any
-    count: Int[Array, ""]
+    entries: tuple[Int[Array, ""], Int[Array, ""]]
+    batch_counts: Int[Array, " batch"]
     rows: SparseRows
-    st: _Static
-
-    def entries(self, split) -> tuple[Int[Array, ""], Int[Array, ""]]:
-        return _deal(jnp.int32(0), self.count, split, self.st.num_splits)
 
     def block(self, e) -> Int[Array, ""]:
         return self.blocks_ref[e]
@@ -532,9 +583,12 @@ def _forward(
     batch, t, heads, head_dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
+    span = mask.span(t, group, capacity, config.block_k)
+    # A span can straddle one block more than it fills.
+    max_entries = min(pl.cdiv(capacity, config.block_k), pl.cdiv(span, config.block_k) + 1)
     st = _Static(t, capacity, head_dim, config.block_k, config.num_splits, softmax_scale, logits_soft_cap,
-                 fast_math.approximate_tanh_for(q.dtype, interpret))
-    rows, dp, splits = _pow2_at_least(t * group), st.head_dim_padded, st.num_splits
+                 fast_math.approximate_tanh_for(q.dtype, interpret), batch, max_entries)
+    rows, dp, splits = _pow2_at_least(t * group), st.head_dim_padded, st.grid_splits
     offset = _row_offsets(t, group, rows)
     lay = _Layout(batch, t, group, kv_heads, rows, capacity, config.block_k)
     mask_inputs, mask_specs = mask.inputs(lengths, jnp.asarray(offset), lay)
@@ -622,7 +676,7 @@ def _partitioned_forward(q, k_cache, v_cache, lengths, sinks, mask: _Mask, softm
         return kernel(*arrays)
     return _partitioning.partitioned(
         kernel, ("b.h.", "b.k.", "b.k.", "b", "h")[: len(arrays)], ("b.h.",), group=q.shape[2] // k_cache.shape[2],
-        head_dependent=mask.differs_between_heads,
+        head_dependent=mask.definition.differs_between_heads,
     )(*arrays)
 
 
