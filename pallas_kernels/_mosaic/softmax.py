@@ -431,38 +431,37 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
         q_pos = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA) + (r0 + st.offset)
         k_iota = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
 
-        def compute(step, dq, masked: bool):
+        def compute(step, dq_acc, masked: bool):  # dq_acc: the accumulator ref, carried unchanged
             slot = lax.rem(step - start, stages)
             k_ring.wait(slot)
             v_ring.wait(slot)
 
-            def products(refs):
-                s_ref, dp_ref = refs
+            def score_products(s_ref, dp_ref):
                 plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the softmax runs while dP is in flight
+                if masked:
+                    s = jnp.where(_visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len), s, -jnp.inf)
+                p = jnp.exp2(s * st.qk_scale - _rows_of(lse, 0, s.shape))
+                return p * (plgpu.wgmma_accumulator_load(dp_ref) - _rows_of(delta, 0, s.shape))
 
-            s, dp = pl.run_state(products)((plgpu.ACC.init(_zeros((bq, bk))), plgpu.ACC.init(_zeros((bq, bk)))))
+            acc = plgpu.ACC((bq, bk), jnp.float32)
+            ds = pl.run_scoped(score_products, acc, acc)
             v_ring.release(slot)
-            if masked:
-                s = jnp.where(_visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len), s, -jnp.inf)
-            p = jnp.exp2(s * st.qk_scale - _rows_of(lse, 0, s.shape))
-            ds = p * (dp - _rows_of(delta, 0, s.shape))
-
-            def dq_product(acc_ref):
-                plgpu.wgmma(acc_ref, ds.astype(q_smem.dtype), k_smem.at[slot])
-
-            dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
+            plgpu.wgmma(dq_acc, ds.astype(q_smem.dtype), k_smem.at[slot])
+            plgpu.wgmma_wait(0)
             k_ring.release(slot)
-            return dq
+            return dq_acc
 
-        def skip(step, dq):
+        def skip(step, dq_acc):
             slot = lax.rem(step - start, stages)
             for ring in (k_ring, v_ring):
                 ring.wait(slot)
                 ring.release(slot)
-            return dq
+            return dq_acc
 
-        dq = _run_range(key_blocks(wg), start, stop, compute, skip, _zeros((bq, st.head_dim)))
+        dq = pl.run_scoped(lambda dq_acc: _run_range(key_blocks(wg), start, stop, compute, skip, dq_acc)[...],
+                           plgpu.ACC((bq, st.head_dim), jnp.float32))
         q_smem[...] = (dq * st.softmax_scale).astype(q_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -474,14 +473,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
         _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, lax.div(head, group), start, stop, bk, stages)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scratch, *, st: Geometry, windows,
-                group: int, config: MosaicConfig):
-    (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), rings, key_ready = scratch
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geometry, windows, group: int,
+                config: MosaicConfig):
+    """dK and dV of two consumers' key tiles; with ``config.fused_backward`` also each tile pair's dQ share, added
+    into the fp32 ``dq_ref`` by a TMA reduction (dS goes through shared memory for the transposed product)."""
+    fused = config.fused_backward
+    *outs, scratch = refs
+    dq_ref, dk_ref, dv_ref = outs if fused else (None, *outs)
+    (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *fused_smem), rings, key_ready = scratch
     q_ring, do_ring, lse_ring, delta_ring = rings
     bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     program_k = lax.axis_index("kv_seq")
-
     query_blocks, head_steps = _query_head_steps(kv_head, program_k, windows, st, group, bq, bk)
 
     @pl.when(wg < 2)
@@ -497,56 +500,74 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA) + j0
         q_iota = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA) + st.offset
 
-        def head_step(g, carry):
-            dk, dv, base = carry
-            _, window, start, stop = head_steps(g)
+        def add_dq(ds16, step, head, dk_acc, slot):
+            """dK += dS^T Q, and dQ[step] += dS K (this consumer's keys) into the fp32 buffer."""
+            ds_smem, dq_smem = (x.at[wg] for x in fused_smem)
+            ds_smem[...] = ds16
+            plgpu.commit_smem()
+            plgpu.wgmma(dk_acc, ds_smem, q_smem.at[slot])
 
-            def compute(step, grads, masked: bool):
-                dk, dv = grads
-                slot = lax.rem(base + step - start, stages)
-                for ring in rings:
-                    ring.wait(slot)
+            def dq_product(acc_ref):
+                plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
+                return acc_ref[...]  # waits for dV and dK too
 
-                def products(refs):
-                    s_ref, dp_ref = refs
-                    plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
-                    plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+            dq = pl.run_scoped(dq_product, plgpu.ACC((bq, st.head_dim), jnp.float32))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous reduction has read dq_smem
+            dq_smem[...] = dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[batch, pl.ds(step * bq, bq), head], reduction_op="add")
 
-                s_t, dp_t = pl.run_state(products)(
-                    (plgpu.ACC.init(_zeros((bk, bq))), plgpu.ACC.init(_zeros((bk, bq))))
-                )
-                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                lse_ring.release(slot)
-                delta_ring.release(slot)
-                if masked:
-                    seen = _visible(q_iota + step * bq, k_pos, window, st.causal, st.kv_len)
-                    s_t = jnp.where(seen, s_t, -jnp.inf)
-                p_t = jnp.exp2(s_t * st.qk_scale - _rows_of(lse, 1, s_t.shape))
-                ds_t = p_t * (dp_t - _rows_of(delta, 1, s_t.shape))
+        def grads(dk_acc, dv_acc):
+            def head_step(g, base):
+                head, window, start, stop = head_steps(g)
 
-                def grad_products(refs):
-                    dv_ref, dk_ref = refs
-                    plgpu.wgmma(dv_ref, p_t.astype(q_smem.dtype), do_smem.at[slot])
-                    plgpu.wgmma(dk_ref, ds_t.astype(q_smem.dtype), q_smem.at[slot])
+                def compute(step, carry, masked: bool):
+                    slot = lax.rem(base + step - start, stages)
+                    for ring in rings:
+                        ring.wait(slot)
 
-                dv, dk = pl.run_state(grad_products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-                q_ring.release(slot)
-                do_ring.release(slot)
-                return dk, dv
+                    def score_products(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+                        s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the softmax runs while dP^T is in flight
+                        lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        lse_ring.release(slot)
+                        delta_ring.release(slot)
+                        if masked:
+                            seen = _visible(q_iota + step * bq, k_pos, window, st.causal, st.kv_len)
+                            s_t = jnp.where(seen, s_t, -jnp.inf)
+                        p_t = jnp.exp2(s_t * st.qk_scale - _rows_of(lse, 1, s_t.shape))
+                        plgpu.wgmma(dv_acc, p_t.astype(q_smem.dtype), do_smem.at[slot])
+                        dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV still in flight
+                        return p_t * (dp_t - _rows_of(delta, 1, s_t.shape))
 
-            def skip(step, grads):
-                slot = lax.rem(base + step - start, stages)
-                for ring in rings:
-                    ring.wait(slot)
-                    ring.release(slot)
-                return grads
+                    acc = plgpu.ACC((bk, bq), jnp.float32)
+                    ds16 = pl.run_scoped(score_products, acc, acc).astype(q_smem.dtype)
+                    if fused:
+                        add_dq(ds16, step, head, dk_acc, slot)
+                    else:
+                        plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])
+                        plgpu.wgmma_wait(0)
+                    q_ring.release(slot)
+                    do_ring.release(slot)
+                    return carry
 
-            dk, dv = _run_range(query_blocks(wg, window), start, stop, compute, skip, (dk, dv))
-            return dk, dv, base + (stop - start)
+                def skip(step, carry):
+                    slot = lax.rem(base + step - start, stages)
+                    for ring in rings:
+                        ring.wait(slot)
+                        ring.release(slot)
+                    return carry
 
-        zeros = _zeros((bk, st.head_dim))
-        dk, dv, _ = lax.fori_loop(0, group, head_step, (zeros, zeros, jnp.int32(0)))
+                _run_range(query_blocks(wg, window), start, stop, compute, skip, None)
+                return base + (stop - start)
+
+            lax.fori_loop(0, group, head_step, jnp.int32(0))
+            return dk_acc[...], dv_acc[...]
+
+        acc = plgpu.ACC((bk, st.head_dim), jnp.float32)
+        dk, dv = pl.run_scoped(grads, acc, acc)
         k_smem[...] = (dk * st.softmax_scale).astype(k_smem.dtype)
         v_smem[...] = dv.astype(v_smem.dtype)
         plgpu.commit_smem()
@@ -559,7 +580,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         plgpu.set_max_registers(40, action="decrease")
         _stream_query_rows((q_ref, do_ref, lse_ref, delta_ref), (q_smem, do_smem, lse_smem, delta_smem), rings,
                            batch, head_steps, group, bq, stages)
-
 
 def _query_head_steps(kv_head, program_k, windows, st: Geometry, group: int, bq: int, bk: int):
     """For the dK/dV kernels, whose two consumers own key tiles ``program_k * 2 + w`` (``w`` in 0, 1):
@@ -597,138 +617,6 @@ def _stream_query_rows(refs, smems, rings, batch, head_steps, group: int, bq: in
     lax.fori_loop(0, group, head_step, jnp.int32(0))
 
 
-def _shares_dq_columns(head_dim: int) -> bool:
-    """Fused backward: at head_dim >= 128 the two consumers split dQ's columns, each over both key tiles (one fp32
-    reduction per 128 keys and query tile); at 64 a column half would be narrower than a 64-wide smem tile, so each
-    consumer reduces its own key tile's share of all columns."""
-    return head_dim >= 128
-
-
-def _fused_backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, scratch, *,
-                           st: Geometry, windows, group: int, config: MosaicConfig):
-    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem), rings, key_ready, ds_ready = scratch
-    q_ring, do_ring, lse_ring, delta_ring = rings
-    bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
-    batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
-    program_k = lax.axis_index("kv_seq")
-    query_blocks, head_steps = _query_head_steps(kv_head, program_k, windows, st, group, bq, bk)
-    shared = _shares_dq_columns(st.head_dim)
-    dq_cols = st.head_dim // 2 if shared else st.head_dim
-
-    def both_consumers_here():
-        plgpu.barrier_arrive(ds_ready)
-        plgpu.barrier_wait(ds_ready)
-
-    @pl.when(wg < 2)
-    def _consumer():
-        plgpu.set_max_registers(232, action="increase")
-        own = pl.ds(wg * bk, bk)
-        k_own, v_own = k_smem.at[own], v_smem.at[own]
-        j0 = program_k * (2 * bk) + wg * bk
-        keys = (batch, pl.ds(j0, bk), kv_head)
-        for (src, dst), ready in zip(((k_ref.at[keys], k_own), (v_ref.at[keys], v_own)), key_ready):
-            plgpu.copy_gmem_to_smem(src, dst, ready.at[wg])
-        for ready in key_ready:
-            plgpu.barrier_wait(ready.at[wg])
-        k_pos = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA) + j0
-        q_iota = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA) + st.offset
-        # dQ rows of a query tile: shared, the consumer's column half from both key tiles; else all columns from its
-        # own key tile.
-        ds_keys, dq_keys = (ds_smem, k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)]) if shared else (
-            ds_smem.at[:, own], k_own)
-
-        def add_dq(stream_step, step, head):
-            """dQ share of query tile ``step`` (head ``head``) into the fp32 buffer: dS^T K over ``dq_keys``."""
-            buffer = lax.rem(stream_step, 2)
-
-            def dq_product(acc_ref):
-                plgpu.wgmma(acc_ref, ds_keys.at[buffer].transpose((1, 0)), dq_keys)
-                return acc_ref[...]
-
-            dq = pl.run_scoped(dq_product, plgpu.ACC((bq, dq_cols), jnp.float32))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous reduction has read dq_smem
-            dq_smem.at[wg][...] = dq
-            plgpu.commit_smem()
-            columns = pl.ds(wg * dq_cols, dq_cols) if shared else pl.ds(0, dq_cols)
-            plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, pl.ds(step * bq, bq), head, columns],
-                                    reduction_op="add")
-
-        def grads(dk_acc, dv_acc):
-            def head_step(g, base):
-                head, window, start, stop = head_steps(g)
-
-                def compute(step, carry, masked: bool):
-                    slot = lax.rem(base + step - start, stages)
-                    buffer = lax.rem(base + step - start, 2)
-                    for ring in rings:
-                        ring.wait(slot)
-
-                    def score_products(s_ref, dp_ref):
-                        plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma(dp_ref, v_own, do_smem.at[slot].transpose((1, 0)))
-                        s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP^T still in flight
-                        lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                        lse_ring.release(slot)
-                        delta_ring.release(slot)
-                        if masked:
-                            seen = _visible(q_iota + step * bq, k_pos, window, st.causal, st.kv_len)
-                            s_t = jnp.where(seen, s_t, -jnp.inf)
-                        p_t = jnp.exp2(s_t * st.qk_scale - _rows_of(lse, 1, s_t.shape))
-                        plgpu.wgmma(dv_acc, p_t.astype(q_smem.dtype), do_smem.at[slot])
-                        dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV still in flight
-                        return p_t * (dp_t - _rows_of(delta, 1, s_t.shape))
-
-                    acc = plgpu.ACC((bk, bq), jnp.float32)
-                    ds_t = pl.run_scoped(score_products, acc, acc)
-                    ds_own = ds_smem.at[buffer, own]
-                    ds_own[...] = ds_t.astype(ds_smem.dtype)
-                    plgpu.commit_smem()
-                    plgpu.wgmma(dk_acc, ds_own, q_smem.at[slot])
-                    if shared:
-                        both_consumers_here()
-                    add_dq(base + step - start, step, head)  # waits for dV and dK too
-                    q_ring.release(slot)
-                    do_ring.release(slot)
-                    return carry
-
-                def skip(step, carry):
-                    slot = lax.rem(base + step - start, stages)
-                    for ring in rings:
-                        ring.wait(slot)
-                        ring.release(slot)
-                    if shared:  # the other consumer's keys see this query tile: add their dQ share, ours zero
-                        ds_smem.at[lax.rem(base + step - start, 2), own][...] = plgpu.layout_cast(
-                            jnp.zeros((bk, bq), ds_smem.dtype), plgpu.Layout.WGMMA)
-                        plgpu.commit_smem()
-                        both_consumers_here()
-                        add_dq(base + step - start, step, head)
-                    return carry
-
-                _run_range(query_blocks(wg, window), start, stop, compute, skip, None)
-                return base + (stop - start)
-
-            lax.fori_loop(0, group, head_step, jnp.int32(0))
-            return dk_acc[...], dv_acc[...]
-
-        acc = plgpu.ACC((bk, st.head_dim), jnp.float32)
-        dk, dv = pl.run_scoped(grads, acc, acc)
-        if shared:  # the other consumer's last dQ product has read our K rows
-            both_consumers_here()
-        k_own[...] = (dk * st.softmax_scale).astype(k_smem.dtype)
-        v_own[...] = dv.astype(v_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_own, dk_ref.at[keys])
-        plgpu.copy_smem_to_gmem(v_own, dv_ref.at[keys])
-        plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == 2)
-    def _producer():
-        plgpu.set_max_registers(40, action="decrease")
-        _stream_query_rows((q_ref, do_ref, lse_ref, delta_ref), (q_smem, do_smem, lse_smem, delta_smem), rings,
-                           batch, head_steps, group, bq, stages)
-
-
 def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: MosaicConfig):
     batch, q_len_padded, heads, head_dim = q.shape
     kv_len_padded, kv_heads = k.shape[1], k.shape[2]
@@ -738,24 +626,25 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
     tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)
     vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
     common = dict(st=st, windows=windows, group=group, config=config)
+    dkv_scratch = (
+        (tile(2, bk, head_dim), tile(2, bk, head_dim), tile(stages, bq, head_dim), tile(stages, bq, head_dim),
+         vector(stages, bq), vector(stages, bq)),
+        _rings(4, stages),
+        tuple(plgpu.Barrier(num_barriers=2) for _ in range(2)),
+    )
+    dkv_grid = dict(grid=(kv_heads, kv_len_padded // (2 * bk), batch), grid_names=("kv_heads", "kv_seq", "batch"))
     if config.fused_backward:
         f32_transforms = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-        dq_cols = head_dim // 2 if _shares_dq_columns(head_dim) else head_dim
+        (tiles, *rest) = dkv_scratch
+        dkv_scratch = ((*tiles, tile(2, bk, bq), plgpu.SMEM((2, bq, head_dim), jnp.float32, transforms=f32_transforms)),
+                       *rest)
         dq_acc, dk, dv = _accumulating_kernel_call(
-            functools.partial(_fused_backward_kernel, **common),
+            functools.partial(_dkv_kernel, **common),
             inputs=(q, k, v, do, lse, delta),
             initial=(vary_like(jnp.zeros(q.shape, jnp.float32), q), vary_like(jnp.zeros_like(k), q),
                      vary_like(jnp.zeros_like(v), q)),
-            scratch=(
-                (tile(2 * bk, head_dim), tile(2 * bk, head_dim), tile(stages, bq, head_dim),
-                 tile(stages, bq, head_dim), vector(stages, bq), vector(stages, bq), tile(2, 2 * bk, bq),
-                 plgpu.SMEM((2, bq, dq_cols), jnp.float32, transforms=f32_transforms)),
-                _rings(4, stages),
-                tuple(plgpu.Barrier(num_barriers=2) for _ in range(2)),
-                plgpu.Barrier(num_arrivals=2),
-            ),
-            grid=(kv_heads, kv_len_padded // (2 * bk), batch),
-            grid_names=("kv_heads", "kv_seq", "batch"),
+            scratch=dkv_scratch,
+            **dkv_grid,
         )
         return (dq_acc * st.softmax_scale).astype(q.dtype), dk, dv
     dq = _kernel_call(
@@ -775,14 +664,8 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
         functools.partial(_dkv_kernel, **common),
         inputs=(q, k, v, do, lse, delta),
         out_type=(out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)),
-        scratch=(
-            (tile(2, bk, head_dim), tile(2, bk, head_dim), tile(stages, bq, head_dim), tile(stages, bq, head_dim),
-             vector(stages, bq), vector(stages, bq)),
-            _rings(4, stages),
-            tuple(plgpu.Barrier(num_barriers=2) for _ in range(2)),
-        ),
-        grid=(kv_heads, kv_len_padded // (2 * bk), batch),
-        grid_names=("kv_heads", "kv_seq", "batch"),
+        scratch=dkv_scratch,
+        **dkv_grid,
     )
     return dq, dk, dv
 
