@@ -101,17 +101,14 @@ def test_plan_rejects_unknown_backends():
         _softmax_kernels.Plan(WindowMask((None,)), 1.0, forward_backend="cuda")
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("fused_backward", [False, True])
-def test_mosaic_kernels_lower_for_a_hopper_gpu(head_dim, fused_backward):
+def test_mosaic_kernels_lower_for_a_hopper_gpu():
     """Cross-lowering to Mosaic GPU runs on a CPU machine where this JAX supports it: the kernels trace and lower."""
     if jax.__version__ not in mosaic.SUPPORTED_JAX:
         pytest.skip(f"Mosaic kernels are written against JAX {mosaic.SUPPORTED_JAX}, this is {jax.__version__}")
-    q = jax.ShapeDtypeStruct((1, 200, 4, head_dim), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 300, 2, head_dim), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 200, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((1, 4, 200), jnp.float32)
-    mask = WindowMask((16, 100, None, None), causal=True)
-    config = mosaic.MosaicConfig(fused_backward=fused_backward)
+    mask, config = WindowMask((16, 100, None, None), causal=True), mosaic.MosaicConfig()
     fwd = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, 0.125, config))
     bwd = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(mask, 0.125, config, (q, k, v, o, lse), do))
     with gpu_target():

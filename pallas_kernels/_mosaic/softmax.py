@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from pallas_kernels._vma import out_struct, vary_like
+from pallas_kernels._vma import out_struct
 from pallas_kernels.block_ranges import BlockRange, Geometry, kv_block_range, q_block_range
 from pallas_kernels.masks import UNLIMITED_WINDOW, WindowMask
 
@@ -48,9 +48,7 @@ HEAD_DIMS = (64, 128, 256)
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Tiles of the Mosaic kernels: each of the two consumer warpgroups owns ``block_q`` query rows (forward, dQ) or
-    ``block_kv_bwd`` key rows (dK/dV); ``stages`` tiles are in flight in shared memory. ``fused_backward``: one
-    backward kernel whose dK/dV loop also adds each tile pair's dQ share into an fp32 buffer in global memory (TMA
-    reductions; 5 matrix products per tile pair instead of the two kernels' 7, dQ's summation order unspecified)."""
+    ``block_kv_bwd`` key rows (dK/dV); ``stages`` tiles are in flight in shared memory."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -58,7 +56,6 @@ class MosaicConfig:
     block_q_bwd: int = 64
     block_kv_bwd: int = 64
     stages_bwd: int = 2
-    fused_backward: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
@@ -230,22 +227,6 @@ def _kernel_call(body, *, inputs, out_type, scratch, grid, grid_names):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
-
-
-def _accumulating_kernel_call(body, *, inputs, initial, scratch, grid, grid_names):
-    """As ``_kernel_call``, for a kernel whose outputs start from ``initial`` (e.g. zeros it adds into): the output
-    buffers are ``pl.run_state`` refs, aliased in place; the inputs are only read, so they are not copied."""
-    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
-
-    def stateful(refs):
-        in_refs, out_refs = refs
-
-        @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(approx_math=True))
-        def _():
-            pl.run_scoped(lambda *scratch_refs: body(*in_refs, *out_refs, scratch_refs), *scratch,
-                          collective_axes="wg")
-
-    return pl.run_state(stateful)((tuple(inputs), tuple(initial)))[1]
 
 
 def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, kv_head, start, stop, block_kv, stages):
@@ -431,37 +412,38 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
         q_pos = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA) + (r0 + st.offset)
         k_iota = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
 
-        def compute(step, dq_acc, masked: bool):  # dq_acc: the accumulator ref, carried unchanged
+        def compute(step, dq, masked: bool):
             slot = lax.rem(step - start, stages)
             k_ring.wait(slot)
             v_ring.wait(slot)
 
-            def score_products(s_ref, dp_ref):
+            def products(refs):
+                s_ref, dp_ref = refs
                 plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
-                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the softmax runs while dP is in flight
-                if masked:
-                    s = jnp.where(_visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len), s, -jnp.inf)
-                p = jnp.exp2(s * st.qk_scale - _rows_of(lse, 0, s.shape))
-                return p * (plgpu.wgmma_accumulator_load(dp_ref) - _rows_of(delta, 0, s.shape))
 
-            acc = plgpu.ACC((bq, bk), jnp.float32)
-            ds = pl.run_scoped(score_products, acc, acc)
+            s, dp = pl.run_state(products)((plgpu.ACC.init(_zeros((bq, bk))), plgpu.ACC.init(_zeros((bq, bk)))))
             v_ring.release(slot)
-            plgpu.wgmma(dq_acc, ds.astype(q_smem.dtype), k_smem.at[slot])
-            plgpu.wgmma_wait(0)
-            k_ring.release(slot)
-            return dq_acc
+            if masked:
+                s = jnp.where(_visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len), s, -jnp.inf)
+            p = jnp.exp2(s * st.qk_scale - _rows_of(lse, 0, s.shape))
+            ds = p * (dp - _rows_of(delta, 0, s.shape))
 
-        def skip(step, dq_acc):
+            def dq_product(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(q_smem.dtype), k_smem.at[slot])
+
+            dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
+            k_ring.release(slot)
+            return dq
+
+        def skip(step, dq):
             slot = lax.rem(step - start, stages)
             for ring in (k_ring, v_ring):
                 ring.wait(slot)
                 ring.release(slot)
-            return dq_acc
+            return dq
 
-        dq = pl.run_scoped(lambda dq_acc: _run_range(key_blocks(wg), start, stop, compute, skip, dq_acc)[...],
-                           plgpu.ACC((bq, st.head_dim), jnp.float32))
+        dq = _run_range(key_blocks(wg), start, stop, compute, skip, _zeros((bq, st.head_dim)))
         q_smem[...] = (dq * st.softmax_scale).astype(q_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -473,19 +455,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
         _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, lax.div(head, group), start, stop, bk, stages)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geometry, windows, group: int,
-                config: MosaicConfig):
-    """dK and dV of two consumers' key tiles; with ``config.fused_backward`` also each tile pair's dQ share, added
-    into the fp32 ``dq_ref`` by a TMA reduction (dS goes through shared memory for the transposed product)."""
-    fused = config.fused_backward
-    *outs, scratch = refs
-    dq_ref, dk_ref, dv_ref = outs if fused else (None, *outs)
-    (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *fused_smem), rings, key_ready = scratch
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scratch, *, st: Geometry, windows,
+                group: int, config: MosaicConfig):
+    (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), rings, key_ready = scratch
     q_ring, do_ring, lse_ring, delta_ring = rings
     bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     program_k = lax.axis_index("kv_seq")
-    query_blocks, head_steps = _query_head_steps(kv_head, program_k, windows, st, group, bq, bk)
+
+    def query_blocks(w, window):
+        j0 = program_k * (2 * bk) + w * bk
+        return q_block_range(j0, jnp.minimum(j0 + bk, st.kv_len) - 1, window, st, bq)
+
+    def head_steps(g):
+        """Query head ``g`` of the group: its index, window and the query blocks streamed for it."""
+        head = kv_head * group + g
+        window = _head_window(windows, head)
+        return head, window, *_union(query_blocks(0, window), query_blocks(1, window))
 
     @pl.when(wg < 2)
     def _consumer():
@@ -500,74 +486,56 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geom
         k_pos = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA) + j0
         q_iota = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA) + st.offset
 
-        def add_dq(ds16, step, head, dk_acc, slot):
-            """dK += dS^T Q, and dQ[step] += dS K (this consumer's keys) into the fp32 buffer."""
-            ds_smem, dq_smem = (x.at[wg] for x in fused_smem)
-            ds_smem[...] = ds16
-            plgpu.commit_smem()
-            plgpu.wgmma(dk_acc, ds_smem, q_smem.at[slot])
+        def head_step(g, carry):
+            dk, dv, base = carry
+            _, window, start, stop = head_steps(g)
 
-            def dq_product(acc_ref):
-                plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
-                return acc_ref[...]  # waits for dV and dK too
+            def compute(step, grads, masked: bool):
+                dk, dv = grads
+                slot = lax.rem(base + step - start, stages)
+                for ring in rings:
+                    ring.wait(slot)
 
-            dq = pl.run_scoped(dq_product, plgpu.ACC((bq, st.head_dim), jnp.float32))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous reduction has read dq_smem
-            dq_smem[...] = dq
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[batch, pl.ds(step * bq, bq), head], reduction_op="add")
+                def products(refs):
+                    s_ref, dp_ref = refs
+                    plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
 
-        def grads(dk_acc, dv_acc):
-            def head_step(g, base):
-                head, window, start, stop = head_steps(g)
+                s_t, dp_t = pl.run_state(products)(
+                    (plgpu.ACC.init(_zeros((bk, bq))), plgpu.ACC.init(_zeros((bk, bq))))
+                )
+                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                lse_ring.release(slot)
+                delta_ring.release(slot)
+                if masked:
+                    seen = _visible(q_iota + step * bq, k_pos, window, st.causal, st.kv_len)
+                    s_t = jnp.where(seen, s_t, -jnp.inf)
+                p_t = jnp.exp2(s_t * st.qk_scale - _rows_of(lse, 1, s_t.shape))
+                ds_t = p_t * (dp_t - _rows_of(delta, 1, s_t.shape))
 
-                def compute(step, carry, masked: bool):
-                    slot = lax.rem(base + step - start, stages)
-                    for ring in rings:
-                        ring.wait(slot)
+                def grad_products(refs):
+                    dv_ref, dk_ref = refs
+                    plgpu.wgmma(dv_ref, p_t.astype(q_smem.dtype), do_smem.at[slot])
+                    plgpu.wgmma(dk_ref, ds_t.astype(q_smem.dtype), q_smem.at[slot])
 
-                    def score_products(s_ref, dp_ref):
-                        plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
-                        s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the softmax runs while dP^T is in flight
-                        lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                        lse_ring.release(slot)
-                        delta_ring.release(slot)
-                        if masked:
-                            seen = _visible(q_iota + step * bq, k_pos, window, st.causal, st.kv_len)
-                            s_t = jnp.where(seen, s_t, -jnp.inf)
-                        p_t = jnp.exp2(s_t * st.qk_scale - _rows_of(lse, 1, s_t.shape))
-                        plgpu.wgmma(dv_acc, p_t.astype(q_smem.dtype), do_smem.at[slot])
-                        dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV still in flight
-                        return p_t * (dp_t - _rows_of(delta, 1, s_t.shape))
+                dv, dk = pl.run_state(grad_products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                q_ring.release(slot)
+                do_ring.release(slot)
+                return dk, dv
 
-                    acc = plgpu.ACC((bk, bq), jnp.float32)
-                    ds16 = pl.run_scoped(score_products, acc, acc).astype(q_smem.dtype)
-                    if fused:
-                        add_dq(ds16, step, head, dk_acc, slot)
-                    else:
-                        plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])
-                        plgpu.wgmma_wait(0)
-                    q_ring.release(slot)
-                    do_ring.release(slot)
-                    return carry
+            def skip(step, grads):
+                slot = lax.rem(base + step - start, stages)
+                for ring in rings:
+                    ring.wait(slot)
+                    ring.release(slot)
+                return grads
 
-                def skip(step, carry):
-                    slot = lax.rem(base + step - start, stages)
-                    for ring in rings:
-                        ring.wait(slot)
-                        ring.release(slot)
-                    return carry
+            dk, dv = _run_range(query_blocks(wg, window), start, stop, compute, skip, (dk, dv))
+            return dk, dv, base + (stop - start)
 
-                _run_range(query_blocks(wg, window), start, stop, compute, skip, None)
-                return base + (stop - start)
-
-            lax.fori_loop(0, group, head_step, jnp.int32(0))
-            return dk_acc[...], dv_acc[...]
-
-        acc = plgpu.ACC((bk, st.head_dim), jnp.float32)
-        dk, dv = pl.run_scoped(grads, acc, acc)
+        zeros = _zeros((bk, st.head_dim))
+        dk, dv, _ = lax.fori_loop(0, group, head_step, (zeros, zeros, jnp.int32(0)))
         k_smem[...] = (dk * st.softmax_scale).astype(k_smem.dtype)
         v_smem[...] = dv.astype(v_smem.dtype)
         plgpu.commit_smem()
@@ -578,43 +546,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geom
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        _stream_query_rows((q_ref, do_ref, lse_ref, delta_ref), (q_smem, do_smem, lse_smem, delta_smem), rings,
-                           batch, head_steps, group, bq, stages)
 
-def _query_head_steps(kv_head, program_k, windows, st: Geometry, group: int, bq: int, bk: int):
-    """For the dK/dV kernels, whose two consumers own key tiles ``program_k * 2 + w`` (``w`` in 0, 1):
-    ``query_blocks(w, window)``, the query blocks that see consumer ``w``'s keys, and ``head_steps(g)``, query head
-    ``g`` of the group as ``(head, window, start, stop)`` with ``[start, stop)`` the query blocks streamed for it."""
+        def head_step(g, base):
+            head, _, start, stop = head_steps(g)
 
-    def query_blocks(w, window):
-        j0 = program_k * (2 * bk) + w * bk
-        return q_block_range(j0, jnp.minimum(j0 + bk, st.kv_len) - 1, window, st, bq)
+            def copies(step, slot):
+                rows, row_vectors = (batch, pl.ds(step * bq, bq), head), (batch, head, pl.ds(step * bq, bq))
+                return (
+                    (q_ref.at[rows], q_smem.at[slot], q_ring),
+                    (do_ref.at[rows], do_smem.at[slot], do_ring),
+                    (lse_ref.at[row_vectors], lse_smem.at[slot], lse_ring),
+                    (delta_ref.at[row_vectors], delta_smem.at[slot], delta_ring),
+                )
 
-    def head_steps(g):
-        head = kv_head * group + g
-        window = _head_window(windows, head)
-        return head, window, *_union(query_blocks(0, window), query_blocks(1, window))
+            _produce(base, start, stop, stages, copies)
+            return base + (stop - start)
 
-    return query_blocks, head_steps
-
-
-def _stream_query_rows(refs, smems, rings, batch, head_steps, group: int, bq: int, stages: int) -> None:
-    """Producer of the dK/dV kernels: for each query head of the group, its Q, dO, lse and delta tiles over the
-    query blocks ``head_steps`` names, one stream through the ``stages`` slots."""
-    q_ref, do_ref, lse_ref, delta_ref = refs
-
-    def head_step(g, base):
-        head, _, start, stop = head_steps(g)
-
-        def copies(step, slot):
-            rows, row_vectors = (batch, pl.ds(step * bq, bq), head), (batch, head, pl.ds(step * bq, bq))
-            return tuple((src.at[index], dst.at[slot], ring) for src, index, dst, ring in zip(
-                refs, (rows, rows, row_vectors, row_vectors), smems, rings))
-
-        _produce(base, start, stop, stages, copies)
-        return base + (stop - start)
-
-    lax.fori_loop(0, group, head_step, jnp.int32(0))
+        lax.fori_loop(0, group, head_step, jnp.int32(0))
 
 
 def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: MosaicConfig):
@@ -626,27 +574,6 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
     tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)
     vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
     common = dict(st=st, windows=windows, group=group, config=config)
-    dkv_scratch = (
-        (tile(2, bk, head_dim), tile(2, bk, head_dim), tile(stages, bq, head_dim), tile(stages, bq, head_dim),
-         vector(stages, bq), vector(stages, bq)),
-        _rings(4, stages),
-        tuple(plgpu.Barrier(num_barriers=2) for _ in range(2)),
-    )
-    dkv_grid = dict(grid=(kv_heads, kv_len_padded // (2 * bk), batch), grid_names=("kv_heads", "kv_seq", "batch"))
-    if config.fused_backward:
-        f32_transforms = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-        (tiles, *rest) = dkv_scratch
-        dkv_scratch = ((*tiles, tile(2, bk, bq), plgpu.SMEM((2, bq, head_dim), jnp.float32, transforms=f32_transforms)),
-                       *rest)
-        dq_acc, dk, dv = _accumulating_kernel_call(
-            functools.partial(_dkv_kernel, **common),
-            inputs=(q, k, v, do, lse, delta),
-            initial=(vary_like(jnp.zeros(q.shape, jnp.float32), q), vary_like(jnp.zeros_like(k), q),
-                     vary_like(jnp.zeros_like(v), q)),
-            scratch=dkv_scratch,
-            **dkv_grid,
-        )
-        return (dq_acc * st.softmax_scale).astype(q.dtype), dk, dv
     dq = _kernel_call(
         functools.partial(_dq_kernel, **common),
         inputs=(q, k, v, do, lse, delta),
@@ -664,8 +591,14 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
         functools.partial(_dkv_kernel, **common),
         inputs=(q, k, v, do, lse, delta),
         out_type=(out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)),
-        scratch=dkv_scratch,
-        **dkv_grid,
+        scratch=(
+            (tile(2, bk, head_dim), tile(2, bk, head_dim), tile(stages, bq, head_dim), tile(stages, bq, head_dim),
+             vector(stages, bq), vector(stages, bq)),
+            _rings(4, stages),
+            tuple(plgpu.Barrier(num_barriers=2) for _ in range(2)),
+        ),
+        grid=(kv_heads, kv_len_padded // (2 * bk), batch),
+        grid_names=("kv_heads", "kv_seq", "batch"),
     )
     return dq, dk, dv
 
