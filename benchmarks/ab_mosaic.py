@@ -25,7 +25,7 @@ from pallas_kernels._mosaic.softmax import MosaicConfig
 SEQ_LEN, BATCH, HEADS, KV_HEADS = 8192, 2, 32, 8
 # The variants compared last (BENCHMARKS.md, "eighth session"): the kernels of commits 7daf08d and 9da7ea2 added a
 # ``MosaicConfig.fused_backward`` switch; neither paid at d128, so the switch is gone and only the default remains.
-VARIANTS = {"default": MosaicConfig()}
+VARIANTS = {"default": MosaicConfig(), "dq_keys128": MosaicConfig(block_kv_dq=128)}
 CASES = {"full": False, "causal": True}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -48,7 +49,8 @@ HEAD_DIMS = (64, 128, 256)
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Tiles of the Mosaic kernels: each of the two consumer warpgroups owns ``block_q`` query rows (forward, dQ) or
-    ``block_kv_bwd`` key rows (dK/dV); ``stages`` tiles are in flight in shared memory."""
+    ``block_kv_bwd`` key rows (dK/dV); ``stages`` tiles are in flight in shared memory; the dQ kernel streams key
+    tiles of ``block_kv_dq`` rows."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -56,9 +58,10 @@ class MosaicConfig:
     block_q_bwd: int = 64
     block_kv_bwd: int = 64
     stages_bwd: int = 2
+    block_kv_dq: int = 64
 
     def __post_init__(self):
-        for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+        for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "block_kv_dq"):
             if getattr(self, name) % 64:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of 64 (one wgmma M tile)")
         for name in ("stages", "stages_bwd"):
@@ -386,7 +389,7 @@ def _forward_call(q, k, v, st: Geometry, windows, config: MosaicConfig):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch, *, st: Geometry, windows,
                group: int, config: MosaicConfig):
     (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), (k_ring, v_ring), row_ready = scratch
-    bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
+    bq, bk, stages = config.block_q_bwd, config.block_kv_dq, config.stages_bwd
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     program_q = lax.axis_index("q_seq")
     window = _head_window(windows, head)
@@ -580,7 +583,7 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
         out_type=out_struct(q.shape, q.dtype, q),
         scratch=(
             (tile(2, bq, head_dim), tile(2, bq, head_dim), vector(2, bq), vector(2, bq),
-             tile(stages, bk, head_dim), tile(stages, bk, head_dim)),
+             tile(stages, config.block_kv_dq, head_dim), tile(stages, config.block_kv_dq, head_dim)),
             _rings(2, stages),
             tuple(plgpu.Barrier(num_barriers=2) for _ in range(4)),
         ),
@@ -640,7 +643,7 @@ def backward(
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     q_multiple = 2 * max(config.block_q_bwd, config.block_kv_bwd)
     qp, dop = (_pad_to(x, 1, q_multiple) for x in (q, do.astype(q.dtype)))
-    kp, vp = (_pad_to(x, 1, 2 * config.block_kv_bwd) for x in (k, v))
+    kp, vp = (_pad_to(x, 1, math.lcm(2 * config.block_kv_bwd, config.block_kv_dq)) for x in (k, v))
     # Padded rows: lse = +inf makes their probabilities, hence their contributions, exactly zero.
     lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, qp.shape[1] - q_len)), constant_values=jnp.inf)
     delta_p = _pad_to(delta, 2, q_multiple)
