@@ -23,9 +23,9 @@ from complexity_jax.profiling import median_ms
 from pallas_kernels._mosaic.softmax import MosaicConfig
 
 SEQ_LEN, BATCH, HEADS, KV_HEADS = 8192, 2, 32, 8
-# The variants compared last (BENCHMARKS.md, "eighth session"): the kernels of commits 7daf08d and 9da7ea2 added a
-# ``MosaicConfig.fused_backward`` switch; neither paid at d128, so the switch is gone and only the default remains.
-VARIANTS = {"default": MosaicConfig(), "dq_keys128": MosaicConfig(block_kv_dq=128)}
+# The variants compared last (BENCHMARKS.md, "eighth session"); the fused backward and in-step pipelining of commits
+# 7daf08d and 9da7ea2 were measured with this script and removed (neither paid at d128).
+VARIANTS = {"default": MosaicConfig(), "dq_keys64": MosaicConfig(block_kv_dq=64)}
 CASES = {"full": False, "causal": True}
 
 

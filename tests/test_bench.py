@@ -29,6 +29,7 @@ def test_sparse_visible_pairs_equals_the_mask(seq_len, block_size, n_global, n_l
     assert bench.sparse_visible_pairs(mask, seq_len) == int(dense.sum())
 
 
+@pytest.mark.slow
 def test_quick_run_of_every_suite(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0

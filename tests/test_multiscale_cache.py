@@ -88,6 +88,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,chunks", [
     ("gqa1", (3, 1, 5, 5)),      # uneven chunks, past every ring
     ("gqa2", (9, 1, 1, 3)),      # a first chunk longer than the rings, then tokens

@@ -15,6 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,9 @@ import pallas_kernels as pk
 from complexity_jax import CUDA
 from tests import naive
 from tests.conftest import relerr
+
+# Hypothesis runs of the same code on every JAX: CI keeps them to its Python 3.11 leg (README, "Tests").
+pytestmark = pytest.mark.slow
 
 settings.register_profile(
     "ci", max_examples=8, deadline=None, derandomize=True, print_blob=True,

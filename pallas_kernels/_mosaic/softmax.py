@@ -58,7 +58,7 @@ class MosaicConfig:
     block_q_bwd: int = 64
     block_kv_bwd: int = 64
     stages_bwd: int = 2
-    block_kv_dq: int = 64
+    block_kv_dq: int = 128
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "block_kv_dq"):
