@@ -346,12 +346,12 @@ def packed_documents(seq_len: int, batch: int, seed: int = 0) -> list[list[int]]
 
 def packed_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool) -> list[Case]:
     """Causal attention over rows that pack documents (``packed_documents``) with segment ids, beside the same
-    documents run alone one after another, our dense causal kernel over the packed length and, on a GPU,
-    FlexAttention's document mask; and a batch whose second row is half padding beside the full batch. TFLOP/s count
+    documents run alone one after another and the dense causal kernel over the packed length, for each Pallas backend
+    that runs here, and, on a GPU, FlexAttention's document mask; and a batch whose second row is half padding beside
+    the full batch. TFLOP/s count
     the pairs inside documents (padding: the valid prefixes) for every row, so they compare useful work."""
     planned = []
     b, d, h = shape.batch, shape.head_dim, shape.num_heads
-    impl = ours(interpret, "pallas_triton")
     for s in seq_lens:
         sh = dataclasses.replace(shape, seq_len=s)
         docs = packed_documents(s, b)
@@ -360,21 +360,27 @@ def packed_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: boo
         label = f"packed docs of {min(min(r) for r in docs)}-{max(max(r) for r in docs)} ({sum(map(len, docs))} docs)"
         half = jnp.asarray([s] + [s // 2] * (b - 1), jnp.int32)
         half_flops = 4.0 * d * h * sum(n * (n + 1) / 2 for n in np.asarray(half))
-        planned += [
-            timed("packed", label, "ours segment ids",
-                  lambda q, k, v, ids=ids: pk.flash_attention(q, k, v, q_segment_ids=ids, **impl), sh, doc_flops,
-                  repeats),
-            timed("packed", label, "ours, each doc alone",
-                  lambda q, k, v, docs=docs: _documents_alone(q, k, v, docs, impl), sh, doc_flops, repeats),
-            timed("packed", label, "ours dense causal",
-                  lambda q, k, v: pk.flash_attention(q, k, v, **impl), sh, doc_flops, repeats),
-            Case("packed", label, FLEX, s, functools.partial(flex_documents, label, sh, docs, doc_flops, repeats)),
-            timed("packed", f"padded rows ({', '.join(map(str, np.asarray(half).tolist()))})", "ours lengths",
-                  lambda q, k, v, n=half: pk.flash_attention(q, k, v, query_seq_lengths=n, key_value_seq_lengths=n,
-                                                             **impl), sh, half_flops, repeats),
-            timed("packed", f"full rows ({s})", "ours", lambda q, k, v: pk.flash_attention(q, k, v, **impl), sh,
-                  4.0 * b * d * visible_pairs(s, (None,) * h), repeats),
-        ]
+        for backend in SOFTMAX_BACKENDS:
+            impl = ours(interpret, backend)
+            planned += [
+                timed("packed", label, f"{backend} segment ids",
+                      lambda q, k, v, ids=ids, impl=impl: pk.flash_attention(q, k, v, q_segment_ids=ids, **impl), sh,
+                      doc_flops, repeats),
+                timed("packed", label, f"{backend} each doc alone",
+                      lambda q, k, v, docs=docs, impl=impl: _documents_alone(q, k, v, docs, impl), sh, doc_flops,
+                      repeats),
+                timed("packed", label, f"{backend} dense causal",
+                      lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, **impl), sh, doc_flops, repeats),
+                timed("packed", f"padded rows ({', '.join(map(str, np.asarray(half).tolist()))})",
+                      f"{backend} lengths",
+                      lambda q, k, v, n=half, impl=impl: pk.flash_attention(
+                          q, k, v, query_seq_lengths=n, key_value_seq_lengths=n, **impl), sh, half_flops, repeats),
+                timed("packed", f"full rows ({s})", backend,
+                      lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, **impl), sh,
+                      4.0 * b * d * visible_pairs(s, (None,) * h), repeats),
+            ]
+        planned.append(
+            Case("packed", label, FLEX, s, functools.partial(flex_documents, label, sh, docs, doc_flops, repeats)))
     return planned
 
 

@@ -72,11 +72,12 @@ def forward(
         layouts += ("bh",)
 
     def run(local: Plan, q, k, v, *options):
-        if local.forward_backend == "mosaic":
-            assert not options, "the Mosaic kernels take no options (softmax_attention routes them to Triton)"
-            return mosaic.forward(q, k, v, local.mask, local.softmax_scale, local.mosaic_config)
         local_segments = Segments(*options[:2]) if segments is not None else None
         local_sinks = options[-1] if sinks is not None else None
+        if local.forward_backend == "mosaic":
+            assert local_sinks is None and local.logits_soft_cap is None, (
+                "the Mosaic kernels take no soft-cap or sinks (softmax_attention routes them to Triton)")
+            return mosaic.forward(q, k, v, local.mask, local.softmax_scale, local.mosaic_config, local_segments)
         return triton.forward(q, k, v, local.mask, local.softmax_scale, local.interpret, local.triton_config,
                               local.logits_soft_cap, local_segments, local_sinks)
 
@@ -92,12 +93,13 @@ def backward(
     options = () if segments is None else tuple(segments)
 
     def run(local: Plan, q, k, v, out, lse, do, *options):
+        local_segments = Segments(*options) if options else None
         if local.backward_backend == "mosaic":
-            assert not options, "the Mosaic kernels take no options (softmax_attention routes them to Triton)"
-            return mosaic.backward(local.mask, local.softmax_scale, local.mosaic_config, (q, k, v, out, lse), do)
+            assert local.logits_soft_cap is None, "the Mosaic kernels take no soft-cap (routed to Triton)"
+            return mosaic.backward(local.mask, local.softmax_scale, local.mosaic_config, (q, k, v, out, lse), do,
+                                   local_segments)
         return triton.backward(local.mask, local.softmax_scale, local.interpret, local.triton_config,
-                               (q, k, v, out, lse), do, local.logits_soft_cap,
-                               Segments(*options) if options else None)
+                               (q, k, v, out, lse), do, local.logits_soft_cap, local_segments)
 
     layouts = ("b.h.", "b.k.", "b.k.", "b.h.", "bh.", "b.h.") + (_SEGMENT_LAYOUTS if options else ())
     return _partitioned(run, plan, (*res, do, *options), layouts, ("b.h.", "b.k.", "b.k."))

@@ -82,8 +82,7 @@ class _Options(NamedTuple):
     sinks: Float[Array, " heads"] | None
 
     def unsupported_by_mosaic(self) -> str | None:
-        used = [name for name, on in (("segment ids / sequence lengths", self.segments is not None),
-                                      ("logits_soft_cap", self.logits_soft_cap is not None),
+        used = [name for name, on in (("logits_soft_cap", self.logits_soft_cap is not None),
                                       ("sinks", self.sinks is not None)) if on]
         return f"the Mosaic GPU kernels do not take {', '.join(used)} yet" if used else None
 

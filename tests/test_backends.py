@@ -11,7 +11,7 @@ import pallas_kernels as pk
 from pallas_kernels import _softmax_kernels
 from pallas_kernels._dispatch import choose_backend
 from pallas_kernels._mosaic import softmax as mosaic
-from pallas_kernels.masks import SparseMask, WindowMask
+from pallas_kernels.masks import Segments, SparseMask, WindowMask
 from tests.conftest import gpu_target, relerr
 
 BOTH = {"mosaic": None, "triton": None}
@@ -101,18 +101,22 @@ def test_plan_rejects_unknown_backends():
         _softmax_kernels.Plan(WindowMask((None,)), 1.0, forward_backend="cuda")
 
 
-def test_mosaic_kernels_lower_for_a_hopper_gpu():
-    """Cross-lowering to Mosaic GPU runs on a CPU machine where this JAX supports it: the kernels trace and lower."""
+@pytest.mark.parametrize("segmented", [False, True])
+def test_mosaic_kernels_lower_for_a_hopper_gpu(segmented):
+    """Cross-lowering to Mosaic GPU runs on a CPU machine where this JAX supports it: the kernels trace and lower,
+    with and without segment ids."""
     if jax.__version__ not in mosaic.SUPPORTED_JAX:
         pytest.skip(f"Mosaic kernels are written against JAX {mosaic.SUPPORTED_JAX}, this is {jax.__version__}")
     q = jax.ShapeDtypeStruct((1, 200, 4, 64), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((1, 4, 200), jnp.float32)
+    segments = Segments(jax.ShapeDtypeStruct((1, 200), jnp.int32), jax.ShapeDtypeStruct((1, 300), jnp.int32))
+    segments = segments if segmented else None
     mask, config = WindowMask((16, 100, None, None), causal=True), mosaic.MosaicConfig()
-    fwd = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, 0.125, config))
-    bwd = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(mask, 0.125, config, (q, k, v, o, lse), do))
+    fwd = jax.jit(lambda q, k, v, s: mosaic.forward(q, k, v, mask, 0.125, config, s))
+    bwd = jax.jit(lambda q, k, v, o, lse, do, s: mosaic.backward(mask, 0.125, config, (q, k, v, o, lse), do, s))
     with gpu_target():
-        lowered = (fwd.trace(q, k, k).lower(lowering_platforms=("cuda",)),
-                   bwd.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)))
+        lowered = (fwd.trace(q, k, k, segments).lower(lowering_platforms=("cuda",)),
+                   bwd.trace(q, k, k, q, lse, q, segments).lower(lowering_platforms=("cuda",)))
     for lowered in lowered:
         assert "mosaic_gpu" in lowered.as_text().lower()

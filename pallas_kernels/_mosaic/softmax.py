@@ -32,8 +32,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from pallas_kernels._vma import out_struct
-from pallas_kernels.block_ranges import BlockRange, Geometry, kv_block_range, q_block_range
-from pallas_kernels.masks import UNLIMITED_WINDOW, WindowMask
+from pallas_kernels.block_ranges import BlockRange, Geometry, kv_block_range, q_block_range, segment_block_ranges
+from pallas_kernels.masks import PAD_KEY, PAD_QUERY, UNLIMITED_WINDOW, Segments, WindowMask
 
 try:  # Mosaic GPU's Pallas API moves between releases; ``SUPPORTED_JAX`` lists the versions this file is tested on.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -232,6 +232,47 @@ def _kernel_call(body, *, inputs, out_type, scratch, grid, grid_names):
     )(*inputs)
 
 
+class _SegmentRefs(NamedTuple):
+    """Segment ids inside a kernel (global memory): ``q_ids [batch, q_len_padded]``, ``kv_ids [batch,
+    kv_len_padded]`` and ``ranges [batch, tiles, 4]``, the ``segment_block_ranges`` of the program axis's tiles."""
+
+    q_ids: Any
+    kv_ids: Any
+    ranges: Any
+
+    def restrict(self, blocks: BlockRange, batch, tile) -> BlockRange:
+        """``blocks`` of program tile ``tile`` cut to the blocks its segments can see."""
+        return blocks.intersect(BlockRange(*(self.ranges[batch, tile, c] for c in range(4))))
+
+    def same(self, batch, q_first, k_first, shape, keys_first: bool = False):
+        """Element mask of a ``shape`` tile (``[queries, keys]``, or ``[keys, queries]`` if ``keys_first``) whose first
+        query and key are ``q_first``/``k_first``: query and key in the same segment."""
+        q_axis = 1 if keys_first else 0
+        ids = [plgpu.load(ref.at[batch, pl.ds(first, shape[axis])], layout=plgpu.Layout.WGMMA.reduce(1 - axis),
+                          optimized=False)
+               for ref, first, axis in ((self.q_ids, q_first, q_axis), (self.kv_ids, k_first, 1 - q_axis))]
+        return _rows_of(ids[0], q_axis, shape) == _rows_of(ids[1], 1 - q_axis, shape)
+
+
+def _split_segment_refs(refs, segmented: bool) -> tuple[_SegmentRefs | None, tuple]:
+    """A kernel's refs after q, k, v (and the backward's residuals): its ``_SegmentRefs`` if ``segmented``, then
+    the rest (outputs, scratch)."""
+    return (_SegmentRefs(*refs[:3]), refs[3:]) if segmented else (None, refs)
+
+
+def _segment_inputs(segments: Segments | None, q_len_padded: int, kv_len_padded: int, block_q: int, block_k: int,
+                    *, by_key: bool) -> tuple[Array, ...]:
+    """The arrays of ``_SegmentRefs`` for tiles ``block_q`` x ``block_k`` (empty without segments): ids padded with
+    ids that match nothing, ranges of the padded tiles empty."""
+    if segments is None:
+        return ()
+    q_ids = jnp.pad(segments.q, ((0, 0), (0, q_len_padded - segments.q.shape[1])), constant_values=PAD_QUERY)
+    kv_ids = jnp.pad(segments.kv, ((0, 0), (0, kv_len_padded - segments.kv.shape[1])), constant_values=PAD_KEY)
+    ranges = segment_block_ranges(segments.q, segments.kv, block_q, block_k, by_key=by_key)
+    tiles = (kv_len_padded // block_k) if by_key else (q_len_padded // block_q)
+    return q_ids, kv_ids, jnp.pad(ranges, ((0, 0), (0, tiles - ranges.shape[1]), (0, 0)))
+
+
 def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, kv_head, start, stop, block_kv, stages):
     """Producer of the forward and dQ kernels: key/value tiles ``[start, stop)`` of one KV head."""
 
@@ -246,8 +287,9 @@ def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, kv_head, sta
 # Forward: two consumers of block_q query rows each, ping-ponging their softmax with each other's matrix products.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: Geometry, windows, group: int,
-                    num_q_programs: int, config: MosaicConfig):
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, st: Geometry, windows, group: int, num_q_programs: int,
+                    config: MosaicConfig, segmented: bool):
+    segs, (out_ref, lse_ref, scratch) = _split_segment_refs(refs, segmented)
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_ring, v_ring), q_ready, schedule = scratch
     bq, bk, stages = config.block_q, config.block_kv, config.stages
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
@@ -255,7 +297,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: Geome
     program_q = num_q_programs - 1 - lax.axis_index("q_seq")
     window = _head_window(windows, head)
 
-    key_blocks = lambda w: _key_blocks(program_q * (2 * bq) + w * bq, window, st, bq, bk)
+    def key_blocks(w):
+        blocks = _key_blocks(program_q * (2 * bq) + w * bq, window, st, bq, bk)
+        return blocks if segs is None else segs.restrict(blocks, batch, program_q * 2 + w)
+
     start, stop = _union(key_blocks(0), key_blocks(1))
 
     def schedule_barrier():
@@ -291,7 +336,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: Geome
             s = pl.run_scoped(qk_product, plgpu.ACC((bq, bk), jnp.float32))
             k_ring.release(slot)
             if masked:
-                s = jnp.where(_visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len), s, -jnp.inf)
+                seen = _visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len)
+                if segs is not None:
+                    seen &= segs.same(batch, r0, step * bk, s.shape)
+                s = jnp.where(seen, s, -jnp.inf)
             # Scores stay unscaled until exp2: one multiply-add per element (st.qk_scale > 0, see ``forward``).
             m_new = jnp.maximum(m_i, s.max(axis=1) * st.qk_scale)
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -353,16 +401,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, st: Geome
         _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, lax.div(head, group), start, stop, bk, stages)
 
 
-def _forward_call(q, k, v, st: Geometry, windows, config: MosaicConfig):
+def _forward_call(q, k, v, segments: Segments | None, st: Geometry, windows, config: MosaicConfig):
     batch, q_len_padded, heads, head_dim = q.shape
     bq, bk, stages = config.block_q, config.block_kv, config.stages
     num_q_programs = q_len_padded // (2 * bq)
     transforms = _smem_transforms()
     body = functools.partial(_forward_kernel, st=st, windows=windows, group=heads // k.shape[2],
-                             num_q_programs=num_q_programs, config=config)
+                             num_q_programs=num_q_programs, config=config, segmented=segments is not None)
     return _kernel_call(
         body,
-        inputs=(q, k, v),
+        inputs=(q, k, v, *_segment_inputs(segments, q_len_padded, k.shape[1], bq, bk, by_key=False)),
         out_type=(out_struct(q.shape, q.dtype, q),
                   out_struct((batch, heads, q_len_padded), jnp.float32, q)),
         scratch=(
@@ -386,15 +434,19 @@ def _forward_call(q, k, v, st: Geometry, windows, config: MosaicConfig):
 # key rows, summed over the query heads of their KV head; queries streamed). delta = rowsum(dO * O) comes from XLA.
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch, *, st: Geometry, windows,
-               group: int, config: MosaicConfig):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geometry, windows, group: int,
+               config: MosaicConfig, segmented: bool):
+    segs, (dq_ref, scratch) = _split_segment_refs(refs, segmented)
     (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), (k_ring, v_ring), row_ready = scratch
     bq, bk, stages = config.block_q_bwd, config.block_kv_dq, config.stages_bwd
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     program_q = lax.axis_index("q_seq")
     window = _head_window(windows, head)
 
-    key_blocks = lambda w: _key_blocks(program_q * (2 * bq) + w * bq, window, st, bq, bk)
+    def key_blocks(w):
+        blocks = _key_blocks(program_q * (2 * bq) + w * bq, window, st, bq, bk)
+        return blocks if segs is None else segs.restrict(blocks, batch, program_q * 2 + w)
+
     start, stop = _union(key_blocks(0), key_blocks(1))
 
     @pl.when(wg < 2)
@@ -428,7 +480,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
             s, dp = pl.run_state(products)((plgpu.ACC.init(_zeros((bq, bk))), plgpu.ACC.init(_zeros((bq, bk)))))
             v_ring.release(slot)
             if masked:
-                s = jnp.where(_visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len), s, -jnp.inf)
+                seen = _visible(q_pos, k_iota + step * bk, window, st.causal, st.kv_len)
+                if segs is not None:
+                    seen &= segs.same(batch, r0, step * bk, s.shape)
+                s = jnp.where(seen, s, -jnp.inf)
             p = jnp.exp2(s * st.qk_scale - _rows_of(lse, 0, s.shape))
             ds = p * (dp - _rows_of(delta, 0, s.shape))
 
@@ -458,8 +513,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scratch,
         _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, lax.div(head, group), start, stop, bk, stages)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scratch, *, st: Geometry, windows,
-                group: int, config: MosaicConfig):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geometry, windows, group: int,
+                config: MosaicConfig, segmented: bool):
+    segs, (dk_ref, dv_ref, scratch) = _split_segment_refs(refs, segmented)
     (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), rings, key_ready = scratch
     q_ring, do_ring, lse_ring, delta_ring = rings
     bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
@@ -468,7 +524,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
     def query_blocks(w, window):
         j0 = program_k * (2 * bk) + w * bk
-        return q_block_range(j0, jnp.minimum(j0 + bk, st.kv_len) - 1, window, st, bq)
+        blocks = q_block_range(j0, jnp.minimum(j0 + bk, st.kv_len) - 1, window, st, bq)
+        return blocks if segs is None else segs.restrict(blocks, batch, program_k * 2 + w)
 
     def head_steps(g):
         """Query head ``g`` of the group: its index, window and the query blocks streamed for it."""
@@ -513,6 +570,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                 delta_ring.release(slot)
                 if masked:
                     seen = _visible(q_iota + step * bq, k_pos, window, st.causal, st.kv_len)
+                    if segs is not None:
+                        seen &= segs.same(batch, step * bq, j0, s_t.shape, keys_first=True)
                     s_t = jnp.where(seen, s_t, -jnp.inf)
                 p_t = jnp.exp2(s_t * st.qk_scale - _rows_of(lse, 1, s_t.shape))
                 ds_t = p_t * (dp_t - _rows_of(delta, 1, s_t.shape))
@@ -568,7 +627,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         lax.fori_loop(0, group, head_step, jnp.int32(0))
 
 
-def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: MosaicConfig):
+def _backward_calls(q, k, v, do, lse, delta, segments: Segments | None, st: Geometry, windows, config: MosaicConfig):
     batch, q_len_padded, heads, head_dim = q.shape
     kv_len_padded, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -576,10 +635,11 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
     transforms = _smem_transforms()
     tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)
     vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
-    common = dict(st=st, windows=windows, group=group, config=config)
+    common = dict(st=st, windows=windows, group=group, config=config, segmented=segments is not None)
     dq = _kernel_call(
         functools.partial(_dq_kernel, **common),
-        inputs=(q, k, v, do, lse, delta),
+        inputs=(q, k, v, do, lse, delta,
+                *_segment_inputs(segments, q_len_padded, kv_len_padded, bq, config.block_kv_dq, by_key=False)),
         out_type=out_struct(q.shape, q.dtype, q),
         scratch=(
             (tile(2, bq, head_dim), tile(2, bq, head_dim), vector(2, bq), vector(2, bq),
@@ -592,7 +652,7 @@ def _backward_calls(q, k, v, do, lse, delta, st: Geometry, windows, config: Mosa
     )
     dk, dv = _kernel_call(
         functools.partial(_dkv_kernel, **common),
-        inputs=(q, k, v, do, lse, delta),
+        inputs=(q, k, v, do, lse, delta, *_segment_inputs(segments, q_len_padded, kv_len_padded, bq, bk, by_key=True)),
         out_type=(out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)),
         scratch=(
             (tile(2, bk, head_dim), tile(2, bk, head_dim), tile(stages, bq, head_dim), tile(stages, bq, head_dim),
@@ -618,13 +678,15 @@ def forward(
     mask: WindowMask,
     softmax_scale: float,
     config: MosaicConfig,
+    segments: Segments | None = None,
 ) -> tuple[Float[Array, "batch q_len heads head_dim"], Float[Array, "batch heads q_len"]]:
-    """Output and base-2 log-sum-exp ``[batch, heads, q_len]``; ``softmax_scale`` must be positive."""
+    """Output and base-2 log-sum-exp ``[batch, heads, q_len]``; ``softmax_scale`` must be positive. ``segments``
+    (packing, padding): a query sees only keys of its own segment id, besides ``mask``."""
     q_len, kv_len = q.shape[1], k.shape[1]
     st = Geometry(q_len, kv_len, q.shape[3], mask.causal, softmax_scale)
     qp = _pad_to(q, 1, 2 * config.block_q)
     kp, vp = (_pad_to(x, 1, config.block_kv) for x in (k, v))
-    out, lse = _forward_call(qp, kp, vp, st, tuple(mask.windows), config)
+    out, lse = _forward_call(qp, kp, vp, segments, st, tuple(mask.windows), config)
     return out[:, :q_len], lse[:, :, :q_len]
 
 
@@ -635,8 +697,9 @@ def backward(
     config: MosaicConfig,
     res: tuple[Array, Array, Array, Array, Array],
     do: Float[Array, "batch q_len heads head_dim"],
+    segments: Segments | None = None,
 ) -> tuple[Array, Array, Array]:
-    """dQ, dK, dV from the residuals ``(q, k, v, out, lse)`` of either backend's forward."""
+    """dQ, dK, dV from the residuals ``(q, k, v, out, lse)`` of either backend's forward (same ``segments``)."""
     q, k, v, out, lse = res
     q_len, kv_len = q.shape[1], k.shape[1]
     st = Geometry(q_len, kv_len, q.shape[3], mask.causal, softmax_scale)
@@ -647,7 +710,7 @@ def backward(
     # Padded rows: lse = +inf makes their probabilities, hence their contributions, exactly zero.
     lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, qp.shape[1] - q_len)), constant_values=jnp.inf)
     delta_p = _pad_to(delta, 2, q_multiple)
-    dq, dk, dv = _backward_calls(qp, kp, vp, dop, lse_p, delta_p, st, tuple(mask.windows), config)
+    dq, dk, dv = _backward_calls(qp, kp, vp, dop, lse_p, delta_p, segments, st, tuple(mask.windows), config)
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 
 
