@@ -39,6 +39,7 @@ The results equal the unsharded ops, forward and gradients (in the zigzag layout
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -92,13 +93,9 @@ def _block_kernels(q: Array, k: Array, v: Array, softmax_scale: float, implement
     q, plan = _softmax_kernels.prepare(
         q, k, v, _softmax_kernels.Plan(mask, softmax_scale, backend, backward, interpret=interpret))
 
-    def with_mask(m: WindowMask) -> _softmax_kernels.Plan:
-        return _softmax_kernels.Plan(m, plan.softmax_scale, plan.forward_backend, plan.backward_backend,
-                                     plan.triton_config, plan.mosaic_config, plan.interpret)
-
     return q, _BlockKernels(
-        lambda q, k, v, m: _softmax_kernels.forward(q, k, v, with_mask(m)),
-        lambda m, res, do: _softmax_kernels.backward(with_mask(m), res, do),
+        lambda q, k, v, m: _softmax_kernels.forward(q, k, v, dataclasses.replace(plan, mask=m)),
+        lambda m, res, do: _softmax_kernels.backward(dataclasses.replace(plan, mask=m), res, do),
     )
 
 
