@@ -1,6 +1,7 @@
 """Softmax attention (FlashAttention-3 scheme) as Pallas kernels for the Mosaic GPU lowering (Hopper and newer).
 
-Same contract as ``_triton/softmax.py`` for the window family (causal or full, one window per query head, GQA):
+Same contract as ``_triton/softmax.py`` for the window family (causal or full, one window per query head, GQA,
+segment ids for packing and padding; no soft-cap or sinks):
 ``forward`` returns the output and the base-2 log-sum-exp ``[batch, heads, q_len]`` (``+inf`` on rows that see no
 key), ``backward`` returns dQ, dK, dV from the residuals ``(q, k, v, out, lse)``. Either backend's backward accepts
 the other's forward residuals.
@@ -11,7 +12,8 @@ issue the ``wgmma`` matrix products; one producer streams the tiles they loop ov
 consumers' block ranges; a consumer waits on and releases the slots outside its own range without computing, so
 every barrier sees the same number of arrivals and waits. Inside its range a consumer runs the blocks that need an
 element mask (window edges, the diagonal, ragged tails) apart from the entirely visible ones, as the Triton kernels
-do, so cost follows the mask: O(S * W) for a window in the forward and both backward kernels.
+do, so cost follows the mask: O(S * W) for a window in the forward and both backward kernels. Segment ids cut
+each consumer's range further (``segment_block_ranges``) and join the element mask of its partial blocks.
 
 Sequence lengths that are not multiples of the tiles are padded here (keys past ``kv_len`` are masked; padded query
 rows are dropped); aligned shapes are not copied.
