@@ -1,8 +1,9 @@
 """Mosaic GPU softmax kernels on the H200: each ``MosaicConfig`` variant's gradients checked against the float32 XLA
-path on the GPU tests' cases, an interleaved A/B of the variants at d128 and d64 beside cuDNN, then the d64 and d256
-rows beside cuDNN (issue 13). Batch 2, 32 query / 8 KV heads, S=8192, bf16; forward and forward+backward ms.
+path on the GPU tests' cases, an interleaved A/B of the variants at d128 and d64 beside cuDNN, the d64 and d256
+rows beside cuDNN, and a profile: each GPU kernel's time inside one forward+backward, ours beside cuDNN's (issue 13).
+Batch 2, 32 query / 8 KV heads, S=8192, bf16; forward and forward+backward ms.
 
-    PYTHONPATH=. python benchmarks/ab_mosaic.py OUT.json [--part check ab head_dims]
+    PYTHONPATH=. python benchmarks/ab_mosaic.py OUT.json [--part check ab head_dims profile]
 
 Each measurement is printed as a JSON line as soon as it is taken (a run cut short keeps what it printed); the file is
 written at the end. At d256 the Mosaic backward does not fit in shared memory, so the forward+backward row of
@@ -11,8 +12,12 @@ written at the end. At d256 the Mosaic backward does not fit in shared memory, s
 
 from __future__ import annotations
 
+import collections
+import gzip
 import json
+import pathlib
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +28,9 @@ from complexity_jax.profiling import median_ms
 from pallas_kernels._mosaic.softmax import MosaicConfig
 
 SEQ_LEN, BATCH, HEADS, KV_HEADS = 8192, 2, 32, 8
-# The variants compared last (BENCHMARKS.md, "eighth session"); the fused backward and in-step pipelining of commits
+# The variants compared last (BENCHMARKS.md, "ninth session"). The fused backward and in-step pipelining of commits
 # 7daf08d and 9da7ea2 were measured with this script and removed (neither paid at d128).
-VARIANTS = {"default": MosaicConfig(), "dq_keys64": MosaicConfig(block_kv_dq=64)}
+VARIANTS = {"one_launch": MosaicConfig(), "two_launches": MosaicConfig(one_backward_launch=False)}
 CASES = {"full": False, "causal": True}
 
 
@@ -107,6 +112,46 @@ def head_dim_rows() -> list[dict]:
     return rows
 
 
+def kernel_ms(fn, *args, runs: int = 3) -> dict[str, float]:
+    """GPU time per run of each kernel that ``fn(*args)`` launches (a profiler trace of ``runs`` runs), in ms."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(runs):
+                jax.block_until_ready(fn(*args))
+        events = json.loads(gzip.decompress(next(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")).read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    processes = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in processes.items() if "GPU" in name}
+    if not gpu:
+        raise RuntimeError(f"no GPU track in the trace, only {sorted(processes.values())}")
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu:
+            totals[e["name"][:120]] += e.get("dur", 0) / 1e3 / runs
+    return dict(totals.most_common(12))
+
+
+def profile() -> list[dict]:
+    """Where the time of a d128 forward+backward goes, kernel by kernel, for each variant and cuDNN."""
+    rows = []
+    q, k, v, ct = inputs(128)
+    for case, causal in CASES.items():
+        fns = {name: lambda q, k, v, cfg=cfg: pk.flash_attention(
+            q, k, v, causal=causal, implementation="pallas_mosaic", kernel_config=cfg)
+            for name, cfg in VARIANTS.items()}
+        fns["cudnn"] = cudnn_or_xla("cudnn", None, causal=causal)
+        for name, fn in fns.items():
+            try:
+                row = dict(part="profile", case=case, variant=name, kernels=kernel_ms(jax.jit(_grad_fn(fn)), q, k, v, ct))
+            except Exception as e:  # noqa: BLE001 - a profiler that cannot run is a result, not a stop
+                row = dict(part="profile", case=case, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(path: str, parts: list[str]) -> None:
     rows = []
     if "check" in parts:
@@ -115,10 +160,12 @@ def main(path: str, parts: list[str]) -> None:
         rows += config_ab()
     if "head_dims" in parts:
         rows += head_dim_rows()
+    if "profile" in parts:
+        rows += profile()
     with open(path, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
-    chosen = sys.argv[sys.argv.index("--part") + 1:] if "--part" in sys.argv else ["check", "ab", "head_dims"]
+    chosen = sys.argv[sys.argv.index("--part") + 1:] if "--part" in sys.argv else ["check", "ab", "head_dims", "profile"]
     main(sys.argv[1], chosen)
