@@ -52,7 +52,7 @@ HEAD_DIMS = (64, 128, 256)
 class MosaicConfig:
     """Tiles of the Mosaic kernels: each of the two consumer warpgroups owns ``block_q`` query rows (forward, dQ) or
     ``block_kv_bwd`` key rows (dK/dV); ``stages`` tiles are in flight in shared memory; the dQ kernel streams key
-    tiles of ``block_kv_dq`` rows. ``one_backward_launch``: the dQ and dK/dV kernels run as one launch (else two)."""
+    tiles of ``block_kv_dq`` rows."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -61,11 +61,8 @@ class MosaicConfig:
     block_kv_bwd: int = 64
     stages_bwd: int = 2
     block_kv_dq: int = 128
-    one_backward_launch: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.one_backward_launch, bool):
-            raise TypeError(f"one_backward_launch={self.one_backward_launch!r} must be a bool")
         for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "block_kv_dq"):
             if getattr(self, name) % 64:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of 64 (one wgmma M tile)")
@@ -220,8 +217,12 @@ def _rows_of(x: Array, axis: int, shape) -> Array:
     return lax.broadcast_in_dim(x, shape, [axis])
 
 
-def _kernel_call(entry, *, inputs, out_type, grid, grid_names):
-    """A three-warpgroup Mosaic GPU kernel ``entry(*in_refs, *out_refs)`` (thread axis ``"wg"``)."""
+def _kernel_call(body, *, inputs, out_type, scratch, grid, grid_names):
+    """A three-warpgroup Mosaic GPU kernel: ``body(*in_refs, *out_refs, scratch)``, scratch allocated per program."""
+
+    def entry(*refs):
+        pl.run_scoped(lambda *scratch_refs: body(*refs, scratch_refs), *scratch, collective_axes="wg")
+
     return plgpu.kernel(
         entry,
         out_type=out_type,
@@ -231,11 +232,6 @@ def _kernel_call(entry, *, inputs, out_type, grid, grid_names):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
-
-
-def _with_scratch(body, scratch):
-    """``body(*refs, scratch_refs)`` with ``scratch`` allocated per program, shared by the three warpgroups."""
-    return lambda *refs: pl.run_scoped(lambda *scratch_refs: body(*refs, scratch_refs), *scratch, collective_axes="wg")
 
 
 class _SegmentRefs(NamedTuple):
@@ -261,8 +257,8 @@ class _SegmentRefs(NamedTuple):
 
 
 def _split_segment_refs(refs, segmented: bool) -> tuple[_SegmentRefs | None, tuple]:
-    """The forward kernel's refs after q, k, v: its ``_SegmentRefs`` if ``segmented``, then the rest (outputs,
-    scratch)."""
+    """A kernel's refs after q, k, v (and the backward's residuals): its ``_SegmentRefs`` if ``segmented``, then
+    the rest (outputs, scratch)."""
     return (_SegmentRefs(*refs[:3]), refs[3:]) if segmented else (None, refs)
 
 
@@ -414,22 +410,22 @@ def _forward_call(q, k, v, segments: Segments | None, st: Geometry, windows, con
     transforms = _smem_transforms()
     body = functools.partial(_forward_kernel, st=st, windows=windows, group=heads // k.shape[2],
                              num_q_programs=num_q_programs, config=config, segmented=segments is not None)
-    scratch = (
-        (
-            plgpu.SMEM((2, bq, head_dim), q.dtype, transforms=transforms),
-            plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=transforms),
-            plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=transforms),
-            plgpu.SMEM((2, bq), jnp.float32),
-        ),
-        _rings(2, stages),
-        plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_arrivals=2),
-    )
     return _kernel_call(
-        _with_scratch(body, scratch),
+        body,
         inputs=(q, k, v, *_segment_inputs(segments, q_len_padded, k.shape[1], bq, bk, by_key=False)),
         out_type=(out_struct(q.shape, q.dtype, q),
                   out_struct((batch, heads, q_len_padded), jnp.float32, q)),
+        scratch=(
+            (
+                plgpu.SMEM((2, bq, head_dim), q.dtype, transforms=transforms),
+                plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=transforms),
+                plgpu.SMEM((stages, bk, head_dim), q.dtype, transforms=transforms),
+                plgpu.SMEM((2, bq), jnp.float32),
+            ),
+            _rings(2, stages),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_arrivals=2),
+        ),
         grid=(heads, num_q_programs, batch),
         grid_names=("heads", "q_seq", "batch"),
     )
@@ -437,48 +433,16 @@ def _forward_call(q, k, v, segments: Segments | None, st: Geometry, windows, con
 
 # --------------------------------------------------------------------------------------------------------------
 # Backward: dQ (two consumers of block_q_bwd query rows, keys streamed) and dK/dV (two consumers of block_kv_bwd
-# key rows, summed over the query heads of their KV head; queries streamed), run as the two parts of one launch
-# (``_launch_backward``). delta = rowsum(dO * O) comes from XLA.
+# key rows, summed over the query heads of their KV head; queries streamed). delta = rowsum(dO * O) comes from XLA.
 
 
-class _BackwardRefs(NamedTuple):
-    """The backward launch's global-memory refs: inputs, segment ids with each part's block ranges (``None``
-    without segments) and outputs (``None`` for those another launch writes)."""
-
-    q: Any
-    k: Any
-    v: Any
-    do: Any
-    lse: Any
-    delta: Any
-    q_ids: Any = None
-    kv_ids: Any = None
-    dq_ranges: Any = None
-    dkv_ranges: Any = None
-    dq: Any = None
-    dk: Any = None
-    dv: Any = None
-
-    def segments(self, ranges) -> _SegmentRefs | None:
-        return None if self.q_ids is None else _SegmentRefs(self.q_ids, self.kv_ids, ranges)
-
-
-class _Tile(NamedTuple):
-    """A backward program's work: batch row, head (query head for dQ, KV head for dK/dV) and tile (two consumers'
-    rows)."""
-
-    batch: Any
-    head: Any
-    index: Any
-
-
-def _dq_kernel(refs: _BackwardRefs, scratch, tile: _Tile, *, st: Geometry, windows, group: int, config: MosaicConfig):
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = (
-        refs.q, refs.k, refs.v, refs.do, refs.lse, refs.delta, refs.dq)
-    segs = refs.segments(refs.dq_ranges)
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geometry, windows, group: int,
+               config: MosaicConfig, segmented: bool):
+    segs, (dq_ref, scratch) = _split_segment_refs(refs, segmented)
     (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), (k_ring, v_ring), row_ready = scratch
     bq, bk, stages = config.block_q_bwd, config.block_kv_dq, config.stages_bwd
-    batch, head, program_q, wg = tile.batch, tile.head, tile.index, lax.axis_index("wg")
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    program_q = lax.axis_index("q_seq")
     window = _head_window(windows, head)
 
     def key_blocks(w):
@@ -551,15 +515,14 @@ def _dq_kernel(refs: _BackwardRefs, scratch, tile: _Tile, *, st: Geometry, windo
         _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ring, v_ring, batch, lax.div(head, group), start, stop, bk, stages)
 
 
-def _dkv_kernel(refs: _BackwardRefs, scratch, tile: _Tile, *, st: Geometry, windows, group: int,
-                config: MosaicConfig):
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = (
-        refs.q, refs.k, refs.v, refs.do, refs.lse, refs.delta, refs.dk, refs.dv)
-    segs = refs.segments(refs.dkv_ranges)
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Geometry, windows, group: int,
+                config: MosaicConfig, segmented: bool):
+    segs, (dk_ref, dv_ref, scratch) = _split_segment_refs(refs, segmented)
     (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), rings, key_ready = scratch
     q_ring, do_ring, lse_ring, delta_ring = rings
     bq, bk, stages = config.block_q_bwd, config.block_kv_bwd, config.stages_bwd
-    batch, kv_head, program_k, wg = tile.batch, tile.head, tile.index, lax.axis_index("wg")
+    batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
+    program_k = lax.axis_index("kv_seq")
 
     def query_blocks(w, window):
         j0 = program_k * (2 * bk) + w * bk
@@ -666,51 +629,6 @@ def _dkv_kernel(refs: _BackwardRefs, scratch, tile: _Tile, *, st: Geometry, wind
         lax.fori_loop(0, group, head_step, jnp.int32(0))
 
 
-class _BackwardPart(NamedTuple):
-    """One backward kernel inside a launch: ``body(refs, scratch, tile)`` with its ``scratch``, over ``heads x tiles x
-    batch`` programs in launch order (heads fastest), tiles last-first if ``last_first``."""
-
-    body: Any
-    scratch: tuple
-    heads: int
-    tiles: int
-    batch: int
-    last_first: bool
-
-    @property
-    def programs(self) -> int:
-        return self.heads * self.tiles * self.batch
-
-    def tile(self, program) -> _Tile:
-        rest = lax.div(program, self.heads)
-        index = lax.rem(rest, self.tiles)
-        return _Tile(lax.div(rest, self.tiles), lax.rem(program, self.heads),
-                     self.tiles - 1 - index if self.last_first else index)
-
-
-def _launch_backward(parts: tuple[_BackwardPart, ...], inputs: dict[str, Array], outputs: dict[str, Any]):
-    """One kernel running ``parts`` one after the other along a 1-D grid, each program with its part's scratch (the
-    shared memory of the larger part). One launch instead of two: each kernel alone leaves a partial last wave of
-    programs on the GPU, and together the dQ programs fill the dK/dV programs' tail."""
-    names = (*inputs, *outputs)
-
-    def entry(*refs):
-        named = _BackwardRefs(**dict(zip(names, refs)))
-        program = lax.axis_index("programs")
-        first = 0
-        for part in parts:
-
-            @pl.when((program >= first) & (program < first + part.programs))
-            def _(part=part, first=first):
-                body = lambda scratch: part.body(named, scratch, part.tile(program - first))
-                _with_scratch(body, part.scratch)()
-
-            first += part.programs
-
-    return _kernel_call(entry, inputs=tuple(inputs.values()), out_type=tuple(outputs.values()),
-                        grid=(sum(part.programs for part in parts),), grid_names=("programs",))
-
-
 def _backward_calls(q, k, v, do, lse, delta, segments: Segments | None, st: Geometry, windows, config: MosaicConfig):
     batch, q_len_padded, heads, head_dim = q.shape
     kv_len_padded, kv_heads = k.shape[1], k.shape[2]
@@ -719,40 +637,34 @@ def _backward_calls(q, k, v, do, lse, delta, segments: Segments | None, st: Geom
     transforms = _smem_transforms()
     tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)
     vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
-    common = dict(st=st, windows=windows, group=group, config=config)
-    dq_part = _BackwardPart(
+    common = dict(st=st, windows=windows, group=group, config=config, segmented=segments is not None)
+    dq = _kernel_call(
         functools.partial(_dq_kernel, **common),
+        inputs=(q, k, v, do, lse, delta,
+                *_segment_inputs(segments, q_len_padded, kv_len_padded, bq, config.block_kv_dq, by_key=False)),
+        out_type=out_struct(q.shape, q.dtype, q),
         scratch=(
             (tile(2, bq, head_dim), tile(2, bq, head_dim), vector(2, bq), vector(2, bq),
              tile(stages, config.block_kv_dq, head_dim), tile(stages, config.block_kv_dq, head_dim)),
             _rings(2, stages),
             tuple(plgpu.Barrier(num_barriers=2) for _ in range(4)),
         ),
-        heads=heads, tiles=q_len_padded // (2 * bq), batch=batch, last_first=True,  # causal: longest tiles first
+        grid=(heads, q_len_padded // (2 * bq), batch),
+        grid_names=("heads", "q_seq", "batch"),
     )
-    dkv_part = _BackwardPart(
+    dk, dv = _kernel_call(
         functools.partial(_dkv_kernel, **common),
+        inputs=(q, k, v, do, lse, delta, *_segment_inputs(segments, q_len_padded, kv_len_padded, bq, bk, by_key=True)),
+        out_type=(out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)),
         scratch=(
             (tile(2, bk, head_dim), tile(2, bk, head_dim), tile(stages, bq, head_dim), tile(stages, bq, head_dim),
              vector(stages, bq), vector(stages, bq)),
             _rings(4, stages),
             tuple(plgpu.Barrier(num_barriers=2) for _ in range(2)),
         ),
-        heads=kv_heads, tiles=kv_len_padded // (2 * bk), batch=batch, last_first=False,  # causal: longest first
+        grid=(kv_heads, kv_len_padded // (2 * bk), batch),
+        grid_names=("kv_heads", "kv_seq", "batch"),
     )
-    inputs = dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta)
-    if segments is not None:
-        q_ids, kv_ids, dq_ranges = _segment_inputs(segments, q_len_padded, kv_len_padded, bq, config.block_kv_dq,
-                                                   by_key=False)
-        dkv_ranges = _segment_inputs(segments, q_len_padded, kv_len_padded, bq, bk, by_key=True)[2]
-        inputs.update(q_ids=q_ids, kv_ids=kv_ids, dq_ranges=dq_ranges, dkv_ranges=dkv_ranges)
-    dq_out = dict(dq=out_struct(q.shape, q.dtype, q))
-    dkv_out = dict(dk=out_struct(k.shape, k.dtype, q), dv=out_struct(v.shape, v.dtype, q))
-    if config.one_backward_launch:  # dK/dV first: its programs are the longer ones
-        dk, dv, dq = _launch_backward((dkv_part, dq_part), inputs, {**dkv_out, **dq_out})
-    else:
-        (dq,) = _launch_backward((dq_part,), inputs, dq_out)
-        dk, dv = _launch_backward((dkv_part,), inputs, dkv_out)
     return dq, dk, dv
 
 
