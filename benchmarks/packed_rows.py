@@ -1,7 +1,11 @@
 """The bench's packed suite (``python -m complexity_jax.bench --suites packed``), one JSON line per row as soon as
 it is measured, Mosaic rows and FlexAttention first: for a device call that may be cut short.
 
-    PYTHONPATH=. python benchmarks/packed_rows.py [--repeats N]
+    PYTHONPATH=. python benchmarks/packed_rows.py [--repeats N] [--diagnose]
+
+``--diagnose`` runs, instead of the suite, the Mosaic rows that split the packed row's cost (issue 14): the dense
+causal kernel; the segment-id kernel on one document per row (the segment path's own cost on dense work); rows of
+two 4096-token documents (long documents only); and the suite's packed row (documents of 512-4096).
 """
 
 from __future__ import annotations
@@ -10,11 +14,43 @@ import dataclasses
 import json
 import sys
 
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
 from complexity_jax import bench
 
 
+def diagnostic_cases(shape: bench.Shape, repeats: int) -> list[bench.Case]:
+    s, b = shape.seq_len, shape.batch
+    impl = bench.ours(False, "pallas_mosaic")
+    rows = {
+        "dense causal": None,
+        "segment ids, one document per row": [[s]] * b,
+        f"segment ids, documents of {s // 2}": [[s // 2, s // 2]] * b,
+        "segment ids, the suite's documents": bench.packed_documents(s, b),
+    }
+    cases = []
+    for label, docs in rows.items():
+        docs_or_row = docs or [[s]] * b
+        flops = 4.0 * shape.head_dim * shape.num_heads * sum(n * (n + 1) / 2 for row in docs_or_row for n in row)
+        if docs is None:
+            fn = lambda q, k, v: pk.flash_attention(q, k, v, **impl)
+        else:
+            ids = jnp.asarray(np.stack([np.repeat(np.arange(len(row)), row) for row in docs]), jnp.int32)
+            fn = lambda q, k, v, ids=ids: pk.flash_attention(q, k, v, q_segment_ids=ids, **impl)
+        cases.append(bench.timed("packed diagnosis", label, "pallas_mosaic", fn, shape, flops, repeats))
+    return cases
+
+
 def main(argv: list[str]) -> None:
-    _, _, cases = bench.plan(bench.parse_args(["--suites", "packed", *argv]), interpret=not bench.ON_GPU)
+    diagnose = "--diagnose" in argv
+    argv = [a for a in argv if a != "--diagnose"]
+    args = bench.parse_args(["--suites", "packed", *argv])
+    shape, _, cases = bench.plan(args, interpret=not bench.ON_GPU)
+    if diagnose:
+        seq_len = args.seq_lens[0] if args.seq_lens else (256 if args.quick else 8192)
+        cases = diagnostic_cases(dataclasses.replace(shape, seq_len=seq_len), args.repeats or (2 if args.quick else 10))
     for case in sorted(cases, key=lambda c: "pallas_triton" in c.impl):
         print(json.dumps(dataclasses.asdict(case.run()), default=str), flush=True)
 
