@@ -18,6 +18,7 @@ import json
 import pathlib
 import sys
 import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +114,9 @@ def head_dim_rows() -> list[dict]:
     return rows
 
 
-def kernel_ms(fn, *args, runs: int = 3) -> dict[str, float]:
-    """GPU time per run of each kernel that ``fn(*args)`` launches (a profiler trace of ``runs`` runs), in ms."""
+def kernel_ms(fn, *args, runs: int = 3) -> dict[str, Any]:
+    """A profiler trace of ``runs`` runs of ``fn(*args)``: each kernel name's GPU time per run (``per_name``, ms) and
+    the last run's launches in order (``launches``: name, ms), which tells apart kernels of one name."""
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -127,11 +129,13 @@ def kernel_ms(fn, *args, runs: int = 3) -> dict[str, float]:
     gpu = {pid for pid, name in processes.items() if "GPU" in name}
     if not gpu:
         raise RuntimeError(f"no GPU track in the trace, only {sorted(processes.values())}")
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu), key=lambda e: e["ts"])
     totals = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu:
-            totals[e["name"][:120]] += e.get("dur", 0) / 1e3 / runs
-    return dict(totals.most_common(12))
+    for e in kernels:
+        totals[e["name"][:120]] += e.get("dur", 0) / 1e3 / runs
+    last_run = kernels[len(kernels) - len(kernels) // runs:]
+    return dict(per_name=dict(totals.most_common(12)),
+                launches=[(e["name"][:60], round(e.get("dur", 0) / 1e3, 4)) for e in last_run][:20])
 
 
 def profile() -> list[dict]:

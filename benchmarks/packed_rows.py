@@ -5,7 +5,8 @@ it is measured, Mosaic rows and FlexAttention first: for a device call that may 
 
 ``--diagnose`` runs, instead of the suite, the Mosaic rows that split the packed row's cost (issue 14): the dense
 causal kernel; the segment-id kernel on one document per row (the segment path's own cost on dense work); rows of
-two 4096-token documents (long documents only); and the suite's packed row (documents of 512-4096).
+two 4096-token documents (long documents only); and the suite's packed row (documents of 512-4096); then each
+one's forward kernels from a profiler trace.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import dataclasses
 import json
 import sys
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from benchmarks.ab_mosaic import kernel_ms
 from complexity_jax import bench
 
 
-def diagnostic_cases(shape: bench.Shape, repeats: int) -> list[bench.Case]:
+def diagnostic_rows(shape: bench.Shape) -> dict[str, tuple[Callable, float]]:
+    """Label -> (attention function, forward FLOPs of its useful pairs)."""
     s, b = shape.seq_len, shape.batch
     impl = bench.ours(False, "pallas_mosaic")
     rows = {
@@ -30,17 +36,16 @@ def diagnostic_cases(shape: bench.Shape, repeats: int) -> list[bench.Case]:
         f"segment ids, documents of {s // 2}": [[s // 2, s // 2]] * b,
         "segment ids, the suite's documents": bench.packed_documents(s, b),
     }
-    cases = []
+    out = {}
     for label, docs in rows.items():
-        docs_or_row = docs or [[s]] * b
-        flops = 4.0 * shape.head_dim * shape.num_heads * sum(n * (n + 1) / 2 for row in docs_or_row for n in row)
+        flops = 4.0 * shape.head_dim * shape.num_heads * sum(n * (n + 1) / 2 for row in docs or [[s]] * b for n in row)
         if docs is None:
             fn = lambda q, k, v: pk.flash_attention(q, k, v, **impl)
         else:
             ids = jnp.asarray(np.stack([np.repeat(np.arange(len(row)), row) for row in docs]), jnp.int32)
             fn = lambda q, k, v, ids=ids: pk.flash_attention(q, k, v, q_segment_ids=ids, **impl)
-        cases.append(bench.timed("packed diagnosis", label, "pallas_mosaic", fn, shape, flops, repeats))
-    return cases
+        out[label] = (fn, flops)
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -49,10 +54,17 @@ def main(argv: list[str]) -> None:
     args = bench.parse_args(["--suites", "packed", *argv])
     shape, _, cases = bench.plan(args, interpret=not bench.ON_GPU)
     if diagnose:
-        seq_len = args.seq_lens[0] if args.seq_lens else (256 if args.quick else 8192)
-        cases = diagnostic_cases(dataclasses.replace(shape, seq_len=seq_len), args.repeats or (2 if args.quick else 10))
+        shape = dataclasses.replace(shape, seq_len=args.seq_lens[0] if args.seq_lens else (256 if args.quick else 8192))
+        rows = diagnostic_rows(shape)
+        repeats = args.repeats or (2 if args.quick else 10)
+        cases = [bench.timed("packed diagnosis", label, "pallas_mosaic", fn, shape, flops, repeats)
+                 for label, (fn, flops) in rows.items()]
     for case in sorted(cases, key=lambda c: "pallas_triton" in c.impl):
         print(json.dumps(dataclasses.asdict(case.run()), default=str), flush=True)
+    if diagnose:  # each forward's kernels, XLA's included, from a profiler trace
+        q, k, v = shape.arrays()
+        for label, (fn, _) in rows.items():
+            print(json.dumps(dict(case=label, forward_kernels=kernel_ms(jax.jit(fn), q, k, v))), flush=True)
 
 
 if __name__ == "__main__":
