@@ -5,8 +5,8 @@ it is measured, Mosaic rows and FlexAttention first: for a device call that may 
 
 ``--diagnose`` runs, instead of the suite, the Mosaic rows that split the packed row's cost (issue 14): the dense
 causal kernel; the segment-id kernel on one document per row (the segment path's own cost on dense work); rows of
-two 4096-token documents (long documents only); and the suite's packed row (documents of 512-4096); then each
-one's forward kernels from a profiler trace.
+two 4096-token documents (long documents only) and the same documents as rows of their own (batch 4, no segment
+ids); and the suite's packed row (documents of 512-4096). Then each row's forward kernels from a profiler trace.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def diagnostic_rows(shape: bench.Shape) -> dict[str, tuple[Callable, float]]:
             ids = jnp.asarray(np.stack([np.repeat(np.arange(len(row)), row) for row in docs]), jnp.int32)
             fn = lambda q, k, v, ids=ids: pk.flash_attention(q, k, v, q_segment_ids=ids, **impl)
         out[label] = (fn, flops)
+    # The two-document row's work without segment ids: its documents as rows of their own.
+    halves = lambda q, k, v: pk.flash_attention(*(x.reshape(2 * b, s // 2, *x.shape[2:]) for x in (q, k, v)),
+                                                **impl).reshape(q.shape)
+    out[f"dense causal, rows of {s // 2} (batch {2 * b})"] = (halves, out[f"segment ids, documents of {s // 2}"][1])
     return out
 
 
