@@ -3,7 +3,7 @@ path on the GPU tests' cases, an interleaved A/B of the variants at d128 and d64
 rows beside cuDNN, and a profile: each GPU kernel's time inside one forward+backward, ours beside cuDNN's (issue 13).
 Batch 2, 32 query / 8 KV heads, S=8192, bf16; forward and forward+backward ms.
 
-    PYTHONPATH=. python benchmarks/ab_mosaic.py OUT.json [--part check ab head_dims profile]
+    PYTHONPATH=. python benchmarks/ab_mosaic.py OUT.json [--part check ab head_dims profile window]
 
 Each measurement is printed as a JSON line as soon as it is taken (a run cut short keeps what it printed); the file is
 written at the end. At d256 the Mosaic backward does not fit in shared memory, so the forward+backward row of
@@ -102,6 +102,30 @@ def config_ab() -> list[dict]:
     return rows
 
 
+def window_ab(window: int = 1024) -> list[dict]:
+    """The dQ kernel's key tile under a window (W=1024, S=8192 and 32768), beside cuDNN: ``block_kv_dq=128`` was
+    adopted on full and causal attention only. ms, 5 back-to-back runs per sample (the GPU's time)."""
+    rows, variants = [], {"block_kv_dq=128": MosaicConfig(), "block_kv_dq=64": MosaicConfig(block_kv_dq=64)}
+    for seq_len in (8192, 32768):
+        keys = jax.random.split(jax.random.key(0), 4)
+        q = jax.random.normal(keys[0], (BATCH, seq_len, HEADS, 128), jnp.bfloat16)
+        k, v = (jax.random.normal(x, (BATCH, seq_len, KV_HEADS, 128), jnp.bfloat16) for x in keys[1:3])
+        ct = jax.random.normal(keys[3], q.shape, jnp.float32)
+        fns = {name: lambda q, k, v, cfg=cfg: pk.flash_attention(q, k, v, window_size=window,
+                                                                 implementation="pallas_mosaic", kernel_config=cfg)
+               for name, cfg in variants.items()}
+        fns["cudnn"] = cudnn_or_xla("cudnn", window)
+        jitted = {name: (jax.jit(fn), jax.jit(_grad_fn(fn))) for name, fn in fns.items()}
+        for rnd in range(2):
+            for name, (fwd, fb) in jitted.items():
+                row = dict(part="window", seq_len=seq_len, window=window, variant=name, round=rnd,
+                           fwd_ms=median_ms(fwd, q, k, v, repeats=10, calls=5),
+                           fwd_bwd_ms=median_ms(fb, q, k, v, ct, repeats=10, calls=5))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
 def head_dim_rows() -> list[dict]:
     rows = []
     for head_dim in (64, 256):
@@ -167,6 +191,8 @@ def main(path: str, parts: list[str]) -> None:
         rows += head_dim_rows()
     if "profile" in parts:
         rows += profile()
+    if "window" in parts:
+        rows += window_ab()
     with open(path, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
 

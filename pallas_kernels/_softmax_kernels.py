@@ -168,7 +168,7 @@ def prepare(q: Array, k: Array, v: Array, plan: Plan) -> tuple[Array, Plan]:
     if plan.triton_config is None and "triton" in (plan.forward_backend, plan.backward_backend):
         plan = dataclasses.replace(plan, triton_config=triton.config_for(q, k, plan.mask))
     if plan.mosaic_config is None and "mosaic" in (plan.forward_backend, plan.backward_backend):
-        plan = dataclasses.replace(plan, mosaic_config=mosaic.default_config(q.shape[3]))
+        plan = dataclasses.replace(plan, mosaic_config=mosaic.default_config(q.shape[3], plan.mask.windows))
     scale = float(plan.softmax_scale)
     if scale <= 0:
         q = q * jnp.asarray(-1 if scale < 0 else 0, q.dtype)

@@ -85,6 +85,23 @@ def test_kernel_config_type_is_checked_and_picks_its_backend():
         pk.MosaicConfig(block_q=32)
 
 
+@pytest.mark.parametrize("windows, head_dim, block_kv_dq, block_kv", [
+    ((None, None), 128, 128, 128),
+    ((1024, None), 64, 128, 128),  # multi-scale with global heads: the global heads dominate, as in full attention
+    ((1024, 256), 128, 64, 128),
+    ((512,), 256, 64, 64),
+])
+def test_mosaic_default_config_follows_windows_and_head_dim(windows, head_dim, block_kv_dq, block_kv):
+    config = mosaic.default_config(head_dim, windows)
+    assert (config.block_kv_dq, config.block_kv) == (block_kv_dq, block_kv)
+
+
+def test_mosaic_default_config_is_filled_from_the_mask():
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    plan = _softmax_kernels.Plan(WindowMask((32, 32), causal=True), 1.0, "mosaic", "mosaic")
+    assert _softmax_kernels.prepare(q, q, q, plan)[1].mosaic_config.block_kv_dq == 64
+
+
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 0.25])
 def test_any_finite_softmax_scale_matches_xla(scale):
     """The kernels see a positive scale (q's sign flipped, or q zeroed): same function and gradients."""
