@@ -1,12 +1,13 @@
 """The bench's packed suite (``python -m complexity_jax.bench --suites packed``), one JSON line per row as soon as
 it is measured, Mosaic rows and FlexAttention first: for a device call that may be cut short.
 
-    PYTHONPATH=. python benchmarks/packed_rows.py [--repeats N] [--diagnose]
+    PYTHONPATH=. python benchmarks/packed_rows.py [--repeats N] [--diagnose] [--json OUT.json]
 
 ``--diagnose`` runs, instead of the suite, the Mosaic rows that split the packed row's cost (issue 14): the dense
 causal kernel; the segment-id kernel on one document per row (the segment path's own cost on dense work); rows of
 two 4096-token documents (long documents only) and the same documents as rows of their own (batch 4, no segment
 ids); and the suite's packed row (documents of 512-4096). Then each row's forward kernels from a profiler trace.
+``--json`` also writes the rows at the end in the bench's JSON layout.
 """
 
 from __future__ import annotations
@@ -63,8 +64,14 @@ def main(argv: list[str]) -> None:
         repeats = args.repeats or (2 if args.quick else 10)
         cases = [bench.timed("packed diagnosis", label, "pallas_mosaic", fn, shape, flops, repeats)
                  for label, (fn, flops) in rows.items()]
+    results = []
     for case in sorted(cases, key=lambda c: "pallas_triton" in c.impl):
-        print(json.dumps(dataclasses.asdict(case.run()), default=str), flush=True)
+        results.append(dataclasses.asdict(case.run()))
+        print(json.dumps(results[-1], default=str), flush=True)
+    if args.json:  # the bench's layout, which notebooks/benchmarks.ipynb reads
+        meta = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+                "shape": dataclasses.asdict(shape), "repeats": args.repeats, "script": " ".join(sys.argv)}
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     if diagnose:  # each forward's kernels, XLA's included, from a profiler trace
         q, k, v = shape.arrays()
         for label, (fn, _) in rows.items():
