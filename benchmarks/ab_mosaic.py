@@ -36,10 +36,10 @@ VARIANTS = {"default": MosaicConfig()}
 CASES = {"full": False, "causal": True}
 
 
-def inputs(head_dim: int):
+def inputs(head_dim: int, seq_len: int = SEQ_LEN):
     keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (BATCH, SEQ_LEN, HEADS, head_dim), jnp.bfloat16)
-    k, v = (jax.random.normal(x, (BATCH, SEQ_LEN, KV_HEADS, head_dim), jnp.bfloat16) for x in keys[1:3])
+    q = jax.random.normal(keys[0], (BATCH, seq_len, HEADS, head_dim), jnp.bfloat16)
+    k, v = (jax.random.normal(x, (BATCH, seq_len, KV_HEADS, head_dim), jnp.bfloat16) for x in keys[1:3])
     return q, k, v, jax.random.normal(keys[3], q.shape, jnp.float32)
 
 
@@ -107,10 +107,7 @@ def window_ab(window: int = 1024) -> list[dict]:
     adopted on full and causal attention only. ms, 5 back-to-back runs per sample (the GPU's time)."""
     rows, variants = [], {"block_kv_dq=128": MosaicConfig(), "block_kv_dq=64": MosaicConfig(block_kv_dq=64)}
     for seq_len in (8192, 32768):
-        keys = jax.random.split(jax.random.key(0), 4)
-        q = jax.random.normal(keys[0], (BATCH, seq_len, HEADS, 128), jnp.bfloat16)
-        k, v = (jax.random.normal(x, (BATCH, seq_len, KV_HEADS, 128), jnp.bfloat16) for x in keys[1:3])
-        ct = jax.random.normal(keys[3], q.shape, jnp.float32)
+        q, k, v, ct = inputs(128, seq_len)
         fns = {name: lambda q, k, v, cfg=cfg: pk.flash_attention(q, k, v, window_size=window,
                                                                  implementation="pallas_mosaic", kernel_config=cfg)
                for name, cfg in variants.items()}

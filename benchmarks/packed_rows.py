@@ -39,7 +39,7 @@ def diagnostic_rows(shape: bench.Shape) -> dict[str, tuple[Callable, float]]:
     }
     out = {}
     for label, docs in rows.items():
-        flops = 4.0 * shape.head_dim * shape.num_heads * sum(n * (n + 1) / 2 for row in docs or [[s]] * b for n in row)
+        flops = bench.causal_documents_flops(shape, docs or [[s]] * b)
         if docs is None:
             fn = lambda q, k, v: pk.flash_attention(q, k, v, **impl)
         else:
@@ -57,21 +57,20 @@ def main(argv: list[str]) -> None:
     diagnose = "--diagnose" in argv
     argv = [a for a in argv if a != "--diagnose"]
     args = bench.parse_args(["--suites", "packed", *argv])
-    shape, _, cases = bench.plan(args, interpret=not bench.ON_GPU)
+    shape, settings, cases = bench.plan(args, interpret=not bench.ON_GPU)
     if diagnose:
         shape = dataclasses.replace(shape, seq_len=args.seq_lens[0] if args.seq_lens else (256 if args.quick else 8192))
         rows = diagnostic_rows(shape)
         repeats = args.repeats or (2 if args.quick else 10)
+        settings = dict(settings, shape=dataclasses.asdict(shape), repeats=repeats)
         cases = [bench.timed("packed diagnosis", label, "pallas_mosaic", fn, shape, flops, repeats)
                  for label, (fn, flops) in rows.items()]
     results = []
     for case in sorted(cases, key=lambda c: "pallas_triton" in c.impl):
-        results.append(dataclasses.asdict(case.run()))
-        print(json.dumps(results[-1], default=str), flush=True)
-    if args.json:  # the bench's layout, which notebooks/benchmarks.ipynb reads
-        meta = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-                "shape": dataclasses.asdict(shape), "repeats": args.repeats, "script": " ".join(sys.argv)}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+        results.append(case.run())
+        print(json.dumps(dataclasses.asdict(results[-1]), default=str), flush=True)
+    if args.json:
+        bench.write_results(args.json, bench.run_meta(dict(settings, script=" ".join(sys.argv))), results)
     if diagnose:  # each forward's kernels, XLA's included, from a profiler trace
         q, k, v = shape.arrays()
         for label, (fn, _) in rows.items():

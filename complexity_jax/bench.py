@@ -352,6 +352,11 @@ def packed_documents(seq_len: int, batch: int, seed: int = 0) -> list[list[int]]
     return rows
 
 
+def causal_documents_flops(shape: Shape, docs: list[list[int]]) -> float:
+    """Forward FLOPs of the pairs inside causal documents (``docs``: each row's document lengths), all heads."""
+    return 4.0 * shape.head_dim * shape.num_heads * sum(n * (n + 1) / 2 for row in docs for n in row)
+
+
 def packed_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: bool) -> list[Case]:
     """Causal attention over rows that pack documents (``packed_documents``) with segment ids, beside the same
     documents run alone one after another and the dense causal kernel over the packed length, for each Pallas backend
@@ -364,9 +369,9 @@ def packed_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: boo
         sh = dataclasses.replace(shape, seq_len=s)
         docs = packed_documents(s, b)
         ids = jnp.asarray(np.stack([np.repeat(np.arange(len(row)), row) for row in docs]), jnp.int32)
-        doc_flops = 4.0 * d * h * sum(n * (n + 1) / 2 for row in docs for n in row)
+        doc_flops = causal_documents_flops(shape, docs)
         label = f"packed docs of {min(min(r) for r in docs)}-{max(max(r) for r in docs)} ({sum(map(len, docs))} docs)"
-        padded = [jnp.asarray(n, jnp.int32) for n in ([s] + [s // 2] * (b - 1), [s // 2] * b) if min(n) < s]
+        padded = [n for n in ([s] + [s // 2] * (b - 1), [s // 2] * b) if min(n) < s]  # valid lengths per row
         for backend in SOFTMAX_BACKENDS:
             impl = ours(interpret, backend)
             planned += [
@@ -378,11 +383,10 @@ def packed_suite(shape: Shape, seq_lens: list[int], repeats: int, interpret: boo
                       repeats),
                 timed("packed", label, f"{backend} dense causal",
                       lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, **impl), sh, doc_flops, repeats),
-                *(timed("packed", f"padded rows ({', '.join(map(str, np.asarray(n).tolist()))})",
-                        f"{backend} lengths",
-                        lambda q, k, v, n=n, impl=impl: pk.flash_attention(
+                *(timed("packed", f"padded rows ({', '.join(map(str, n))})", f"{backend} lengths",
+                        lambda q, k, v, n=jnp.asarray(n, jnp.int32), impl=impl: pk.flash_attention(
                             q, k, v, query_seq_lengths=n, key_value_seq_lengths=n, **impl), sh,
-                        4.0 * d * h * sum(x * (x + 1) / 2 for x in np.asarray(n)), repeats) for n in padded),
+                        causal_documents_flops(shape, [[x] for x in n]), repeats) for n in padded),
                 timed("packed", f"full rows ({s})", backend,
                       lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, **impl), sh,
                       4.0 * b * d * visible_pairs(s, (None,) * h), repeats),
@@ -625,12 +629,23 @@ def run_cases(cases: list[Case]) -> list[Result]:
     return results
 
 
+def run_meta(settings: dict) -> dict:
+    """The raw JSON's ``meta``: this process's device, backend and JAX version, and the run's ``settings``."""
+    return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+            **settings}
+
+
+def write_results(path: pathlib.Path, meta: dict, results: list[Result]) -> None:
+    """The raw JSON that BENCHMARKS.md and notebooks/benchmarks.ipynb read: ``{"meta": ..., "results": [...]}``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     shape, settings, cases = plan(args, interpret=not ON_GPU)
-    device = jax.devices()[0]
-    meta = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__, **settings}
+    meta = run_meta(settings)
     print(f"device {meta['device']}, jax {meta['jax']}, batch {shape.batch}, heads {shape.num_heads}/"
           f"{shape.num_kv_heads}, head_dim {shape.head_dim}, {shape.dtype}, window {settings['window']},"
           f" {settings['repeats']} timed runs per number; {len(cases)} rows"
@@ -640,8 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     meta.update({"copy_bandwidth_gb_s": r.bandwidth_gb_s for r in results if r.case == COPY_CASE})
     print(format_results(results))
     path = args.json or default_json_path(meta["device"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    write_results(path, meta, results)
     print(f"raw results written to {path.resolve()}")
     return 0
 
