@@ -75,7 +75,7 @@ def default_config(head_dim: int, windows: tuple[int | None, ...] = (None,)) -> 
     """d<=128: 64x128 forward tiles (two query tiles per program); d256: 64-key tiles so K/V stages fit in 227 KiB.
 
     The dQ kernel streams 128-key tiles, or 64-key tiles when every head has a window: a band's two edge tiles are
-    then a smaller share of its work (W=1024 on the H200: forward+backward 8-13% faster with 64, BENCHMARKS.md,
+    then a smaller share of its work (W=1024 on the H200: forward+backward 9-14% faster with 64, BENCHMARKS.md,
     tenth session; on full and causal attention 128 was as fast at d128 and 1.5-3% faster at d64)."""
     block_kv_dq = 64 if all(w is not None for w in windows) else 128
     if head_dim > 128:
